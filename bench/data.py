@@ -1,0 +1,373 @@
+"""Datasets, stratified nested data fractions, and loaders that yield batches on the training device.
+
+Small datasets (digits, CIFAR-10/100) are held as uint8 tensors on the training device and augmented
+batch-wise there (``TensorLoader``): no per-sample PIL work, no worker processes. ImageFolder datasets
+(Imagewoof, ImageNet) use torchvision transforms in DataLoader workers (``FolderLoader``).
+
+Both loaders draw their order and augmentation from a generator seeded by ``(seed, epoch)``, so an epoch
+replays identically after a resume without saving any data-loader state.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bench.errors import BenchError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AUGMENTATIONS = ("none", "crop", "crop_flip")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    default_augment: str
+
+
+@dataclass
+class TensorImages:
+    """A whole split in memory: uint8 images (N, C, H, W) and int64 targets (N,)."""
+
+    images: Tensor
+    targets: Tensor
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def target_array(self) -> np.ndarray:
+        return self.targets.numpy()
+
+
+@dataclass
+class FolderImages:
+    """An ImageFolder split, decoded and transformed by DataLoader workers."""
+
+    root: Path
+    train: bool
+
+    def __post_init__(self) -> None:
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(str(self.root))
+
+    def __len__(self) -> int:
+        return len(self.folder.targets)
+
+    def target_array(self) -> np.ndarray:
+        return np.asarray(self.folder.targets, dtype=np.int64)
+
+
+Images = TensorImages | FolderImages
+
+
+@dataclass
+class Splits:
+    info: DatasetInfo
+    train: Images
+    test: Images
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------
+DatasetLoader = Callable[[Path | None, bool], Splits]
+_DATASETS: dict[str, DatasetLoader] = {}
+
+
+def register_dataset(name: str):
+    def wrap(fn: DatasetLoader) -> DatasetLoader:
+        _DATASETS[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_datasets() -> list[str]:
+    return sorted(_DATASETS)
+
+
+def data_root(root: str | Path | None) -> Path | None:
+    """The user's data root: the argument, else ``$KDBENCH_DATA``, else None."""
+    root = root or os.environ.get("KDBENCH_DATA")
+    return Path(root).expanduser() if root else None
+
+
+def load_dataset(name: str, root: str | Path | None = None, download: bool = False) -> Splits:
+    if name not in _DATASETS:
+        raise BenchError(f"unknown dataset {name!r} (known: {', '.join(list_datasets())})")
+    return _DATASETS[name](data_root(root), download)
+
+
+@register_dataset("digits")
+def _digits(root: Path | None, download: bool) -> Splits:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), offline.
+
+    Pixel values 0..16 are rescaled to uint8 0..255. A fixed stratified split (seed 0) keeps 20 % of
+    each class as the test set (1437 train / 360 test).
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    targets = torch.from_numpy(bunch.target.astype(np.int64))
+    test_idx = fraction_indices(bunch.target, 0.2, seed=0)
+    train_mask = np.ones(len(targets), dtype=bool)
+    train_mask[test_idx] = False
+    train_idx = np.flatnonzero(train_mask)
+    mean = float(images[train_idx].float().mean() / 255)
+    std = float(images[train_idx].float().std() / 255)
+    info = DatasetInfo("digits", 10, 1, 8, (mean,), (std,), default_augment="none")
+    return Splits(
+        info,
+        TensorImages(images[train_idx], targets[train_idx]),
+        TensorImages(images[test_idx], targets[test_idx]),
+    )
+
+
+def _cifar(name: str, cls_name: str, num_classes: int, mean, std) -> DatasetLoader:
+    def load(root: Path | None, download: bool) -> Splits:
+        import torchvision
+
+        if root is None:
+            raise BenchError(f"dataset {name!r} needs a data root: pass --data-root DIR or set KDBENCH_DATA")
+        cls = getattr(torchvision.datasets, cls_name)
+        try:
+            train = cls(str(root), train=True, download=download)
+            test = cls(str(root), train=False, download=download)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
+            raise BenchError(
+                f"{name}: no valid {cls.base_folder}/ under {root} ({err}); pass --download to fetch it"
+            ) from None
+        except OSError as err:  # no network
+            raise BenchError(f"{name}: download into {root} failed: {err}") from None
+
+        def to_tensors(ds) -> TensorImages:
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            return TensorImages(images, torch.as_tensor(ds.targets, dtype=torch.int64))
+
+        info = DatasetInfo(name, num_classes, 3, 32, mean, std, default_augment="crop_flip")
+        return Splits(info, to_tensors(train), to_tensors(test))
+
+    return register_dataset(name)(load)
+
+
+# CRD's normalisation for CIFAR-100; the usual one for CIFAR-10.
+_cifar("cifar100", "CIFAR100", 100, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
+_cifar("cifar10", "CIFAR10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+
+def _image_folder(name: str, num_classes: int, val_dir: str = "val") -> DatasetLoader:
+    def load(root: Path | None, download: bool) -> Splits:
+        if download:
+            raise BenchError(f"{name}: cannot be downloaded automatically; place it under --data-root")
+        if root is None:
+            raise BenchError(f"dataset {name!r} needs a data root: pass --data-root DIR or set KDBENCH_DATA")
+        base = root / name if (root / name / "train").is_dir() else root
+        for split in ("train", val_dir):
+            if not (base / split).is_dir():
+                raise BenchError(f"{name}: missing folder {base / split} (expected {base}/train and {base}/{val_dir})")
+        train, test = FolderImages(base / "train", True), FolderImages(base / val_dir, False)
+        if len(train.folder.classes) != num_classes:
+            raise BenchError(f"{name}: {base / 'train'} has {len(train.folder.classes)} classes, expected {num_classes}")
+        info = DatasetInfo(name, num_classes, 3, 224, IMAGENET_MEAN, IMAGENET_STD, default_augment="crop_flip")
+        return Splits(info, train, test)
+
+    return register_dataset(name)(load)
+
+
+_image_folder("imagewoof", 10)
+_image_folder("imagenet", 1000)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fractions and held-out splits
+# --------------------------------------------------------------------------------------------------
+def fraction_indices(targets, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a stratified ``fraction`` of the samples, sorted.
+
+    Per class, the samples are permuted by a generator seeded with ``seed`` and the first
+    ``ceil(fraction * n_class)`` (at least one) are kept. The permutation does not depend on
+    ``fraction``, so subsets are nested: the 20 % subset is inside the 40 % subset for the same seed.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise BenchError(f"fraction must be in (0, 1], got {fraction}")
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for cls in np.unique(targets):
+        members = np.flatnonzero(targets == cls)
+        members = members[rng.permutation(len(members))]
+        keep.append(members[: max(1, math.ceil(fraction * len(members)))])
+    return np.sort(np.concatenate(keep))
+
+
+def holdout_indices(targets, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split training indices into (train pool, validation): a stratified ``val_fraction`` held out."""
+    targets = np.asarray(targets)
+    if val_fraction <= 0:
+        return np.arange(len(targets)), np.array([], dtype=np.int64)
+    val = fraction_indices(targets, val_fraction, seed=10_000 + seed)
+    mask = np.ones(len(targets), dtype=bool)
+    mask[val] = False
+    return np.flatnonzero(mask), val
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------------
+class Loader(Protocol):
+    num_samples: int
+
+    def set_epoch(self, epoch: int) -> None: ...
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
+    def __len__(self) -> int: ...
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def random_crop_flip(
+    images: Tensor, padding: int, flip: bool, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batched ``RandomCrop(size, padding)`` (+ ``RandomHorizontalFlip``) on a (B, C, H, W) batch.
+
+    Zero padding, as torchvision's default. Returns the batch and the per-sample offsets (dy, dx) and
+    flips drawn from ``generator`` (CPU), so a test can replay them with torchvision per sample.
+    """
+    b, c, h, w = images.shape
+    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator)
+    flips = torch.rand(b, generator=generator) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
+    padded = F.pad(images, (padding, padding, padding, padding))
+    dev = images.device
+    rows = (offsets[0][:, None] + torch.arange(h)).to(dev)  # (B, H)
+    cols = (offsets[1][:, None] + torch.arange(w)).to(dev)  # (B, W)
+    cols = torch.where(flips.to(dev)[:, None], cols.flip(1), cols)
+    out = padded.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * padding))
+    out = out.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+    return out, offsets, flips
+
+
+class TensorLoader:
+    """Batches of a device-resident uint8 split, augmented and normalised on the device."""
+
+    def __init__(
+        self,
+        data: TensorImages,
+        info: DatasetInfo,
+        indices: np.ndarray | None,
+        batch_size: int,
+        train: bool,
+        augment: str,
+        seed: int,
+        device: torch.device | str,
+    ) -> None:
+        idx = torch.as_tensor(indices if indices is not None else np.arange(len(data)), dtype=torch.long)
+        self.images = data.images[idx].to(device)
+        self.targets = data.targets[idx].to(device)
+        self.num_samples = len(idx)
+        self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
+        self.device = torch.device(device)
+        self.padding = max(1, info.image_size // 8)
+        self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.targets) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.targets)
+        gen = epoch_generator(self.seed, self.epoch)
+        order = torch.randperm(n, generator=gen).to(self.device) if self.train else None
+        for start in range(0, n, self.batch_size):
+            sel = order[start : start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+            x = self.images[sel].float().div_(255)
+            if self.train and self.augment != "none":
+                x = random_crop_flip(x, self.padding, self.augment == "crop_flip", gen)[0]
+            yield (x - self.mean) / self.std, self.targets[sel]
+
+
+class FolderLoader:
+    """DataLoader over an ImageFolder split (worker processes, pinned memory), moved to the device."""
+
+    def __init__(
+        self,
+        data: FolderImages,
+        info: DatasetInfo,
+        indices: np.ndarray | None,
+        batch_size: int,
+        train: bool,
+        augment: str,
+        seed: int,
+        device: torch.device | str,
+        workers: int | None = None,
+    ) -> None:
+        from torchvision import transforms as T
+
+        size = info.image_size
+        norm = [T.ToTensor(), T.Normalize(info.mean, info.std)]
+        if train and augment != "none":
+            aug = [T.RandomResizedCrop(size)] + ([T.RandomHorizontalFlip()] if augment == "crop_flip" else [])
+        else:
+            aug = [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
+        data.folder.transform = T.Compose(aug + norm)
+        dataset = data.folder if indices is None else torch.utils.data.Subset(data.folder, indices.tolist())
+        self.num_samples = len(dataset)
+        self.device = torch.device(device)
+        self.generator = torch.Generator()
+        self.seed, self.train = seed, train
+        workers = min(8, os.cpu_count() or 1) if workers is None else workers
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            generator=self.generator,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def make_loader(
+    data: Images,
+    info: DatasetInfo,
+    indices: np.ndarray | None,
+    batch_size: int,
+    train: bool,
+    augment: str,
+    seed: int,
+    device: torch.device | str,
+) -> Loader:
+    if augment not in AUGMENTATIONS + ("auto",):
+        raise BenchError(f"unknown augment {augment!r} (known: auto, {', '.join(AUGMENTATIONS)})")
+    augment = info.default_augment if augment == "auto" else augment
+    cls = TensorLoader if isinstance(data, TensorImages) else FolderLoader
+    return cls(data, info, indices, batch_size, train, augment, seed, device)

@@ -1,0 +1,288 @@
+"""The one training loop: SGD + multi-step schedule, per-epoch evaluation, a checkpoint every epoch.
+
+``fit(method, task, recipe, hooks)`` trains ``method`` (a :class:`methods.base.Method`) on ``task``.
+Every epoch it evaluates each of ``method.eval_models()`` on every evaluation split, reports the
+metrics to ``hooks`` (MLflow, Ray Tune, ...) and atomically writes a checkpoint (method state,
+optimizer, scheduler, RNG states, history), from which an interrupted run resumes exactly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench.data import Loader
+from bench.errors import BenchError
+from bench.metrics import classification_metrics, curve_auc, epochs_to_target
+
+
+@dataclass
+class Recipe:
+    """Optimisation recipe; defaults are the CRD CIFAR-100 protocol (Tian et al. 2020)."""
+
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    gamma: float = 0.1
+    augment: str = "auto"
+    grad_clip: float | None = None
+    eval_batch_size: int = 512
+    val_fraction: float = 0.0
+
+    def validate(self, where: str) -> None:
+        from bench.data import AUGMENTATIONS
+
+        checks = [
+            (self.epochs >= 1, "epochs", "must be >= 1"),
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (self.lr > 0, "lr", "must be > 0"),
+            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
+            (all(0 < m < self.epochs for m in self.milestones), "milestones", f"must lie in (0, epochs={self.epochs})"),
+            (list(self.milestones) == sorted(self.milestones), "milestones", "must be increasing"),
+            (self.augment in AUGMENTATIONS + ("auto",), "augment", f"must be one of auto, {', '.join(AUGMENTATIONS)}"),
+            (self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0"),
+            (0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise BenchError(f"{where}.{name}: {msg}, got {getattr(self, name)!r}")
+
+
+@dataclass
+class Task:
+    """What a method trains on: the data loaders, the device and where to checkpoint."""
+
+    train_loader: Loader
+    eval_loaders: dict[str, Loader]
+    device: torch.device
+    seed: int
+    checkpoint_path: Path | None = None
+    target_top1: float | None = None
+    progress: bool = True
+    description: str = ""
+
+
+class Hooks(Protocol):
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+
+@dataclass
+class History:
+    """Per-epoch metrics (``epochs[i]`` is the dict of epoch i+1) and the run's summary."""
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+    def curve(self, key: str = "test_top1") -> list[float]:
+        return [e[key] for e in self.epochs if key in e]
+
+    def summary(self, target_top1: float | None = None, split: str = "test") -> dict[str, float]:
+        """Final-epoch metrics, best-epoch accuracy (labelled as such), convergence speed, wall time."""
+        if not self.epochs:
+            return {}
+        last = self.epochs[-1]
+        out = {k: v for k, v in last.items() if not k.startswith("train_") and k not in ("lr", "epoch")}
+        for prefix in sorted({k[: -len(f"{split}_top1")] for k in last if k.endswith(f"{split}_top1")}):
+            curve = self.curve(f"{prefix}{split}_top1")
+            best = int(np.argmax(curve))
+            out[f"{prefix}best_{split}_top1"] = curve[best]
+            out[f"{prefix}best_epoch"] = float(best + 1)
+            out[f"{prefix}epochs_to_target"] = epochs_to_target(curve, target_top1)
+            out[f"{prefix}auc_{split}_top1"] = curve_auc(curve)
+        out["wall_s"] = float(sum(e.get("epoch_s", 0.0) for e in self.epochs))
+        out["epochs"] = float(len(self.epochs))
+        return out
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` = CUDA when present, else CPU; or an explicit torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_optimizer(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, nesterov=recipe.nesterov
+    )
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets of a whole split (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    logits, targets = [], []
+    for x, y in loader:
+        logits.append(model(x).float())
+        targets.append(y)
+    model.train(was_training)
+    return torch.cat(logits).cpu(), torch.cat(targets).cpu()
+
+
+def evaluate_method(method, loader: Loader, split: str) -> dict[str, float]:
+    """Metrics of every model in ``method.eval_models()``, keyed ``<model>_<split>_<metric>``."""
+    out = {}
+    for prefix, model in method.eval_models().items():
+        logits, targets = predict(model, loader)
+        tag = f"{prefix}_{split}" if prefix else split
+        out.update({f"{tag}_{k}": v for k, v in classification_metrics(logits, targets).items()})
+    return out
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def fit(method, task: Task, recipe: Recipe, hooks: Hooks | None = None) -> History:
+    """Train ``method`` for ``recipe.epochs`` epochs, resuming from ``task.checkpoint_path`` if present."""
+    method.to(task.device)
+    optimizer = make_optimizer(method.trainable_parameters(), recipe)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(recipe.milestones), recipe.gamma)
+    history, start = History(), 0
+    seed_everything(task.seed)
+    ckpt_path = task.checkpoint_path
+    if ckpt_path is not None and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=task.device, weights_only=False)
+        method.load_checkpoint_state(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = History(state["history"])
+        start = state["epoch"]
+        _set_rng_state(state["rng"])
+
+    bar = None
+    if task.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=recipe.epochs, initial=start, desc=task.description or method.name, unit="ep", leave=False)
+    for epoch in range(start, recipe.epochs):
+        t0 = time.perf_counter()
+        method.train()
+        method.on_epoch_start(epoch)
+        task.train_loader.set_epoch(epoch)
+        sums: dict[str, torch.Tensor] = {}
+        steps = 0
+        for x, y in task.train_loader:
+            _, losses = method.forward_train(x, y)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.grad_clip is not None:
+                nn.utils.clip_grad_norm_(method.trainable_parameters(), recipe.grad_clip)
+            optimizer.step()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.detach()
+            sums["loss"] = sums.get("loss", 0.0) + loss.detach()
+            steps += 1
+        train = {f"train_{k}" if k == "loss" else f"train_loss_{k}": float(v) / max(steps, 1) for k, v in sums.items()}
+        if not math.isfinite(train.get("train_loss", 0.0)):
+            raise DivergenceError(f"training loss is {train['train_loss']} at epoch {epoch + 1}")
+        metrics = {"epoch": float(epoch + 1), "lr": optimizer.param_groups[0]["lr"], **train}
+        scheduler.step()
+        for split, loader in task.eval_loaders.items():
+            metrics.update(evaluate_method(method, loader, split))
+        metrics["epoch_s"] = time.perf_counter() - t0
+        history.epochs.append(metrics)
+        if hooks is not None:  # before the checkpoint: a crash in between re-logs the epoch (same step)
+            hooks.on_epoch_end(epoch, metrics)
+        if ckpt_path is not None:
+            atomic_save(
+                {
+                    "epoch": epoch + 1,
+                    "method": method.checkpoint_state(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(),
+                    "history": history.epochs,
+                },
+                ckpt_path,
+            )
+        if bar is not None:
+            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", top1=f"{metrics.get('test_top1', float('nan')):.1f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return history
+
+
+def build_task(
+    splits,
+    fraction: float,
+    seed: int,
+    recipe: Recipe,
+    device: torch.device,
+    checkpoint_path: Path | None = None,
+    target_top1: float | None = None,
+    progress: bool = True,
+    description: str = "",
+) -> Task:
+    """Loaders for one run: a stratified ``fraction`` of the training pool (after carving the seeded
+    validation split when ``recipe.val_fraction`` > 0), the test split, and the validation split."""
+    from bench.data import fraction_indices, holdout_indices, make_loader
+
+    targets = splits.train.target_array()
+    pool, val = holdout_indices(targets, recipe.val_fraction, seed)
+    train_idx = pool[fraction_indices(targets[pool], fraction, seed)]
+    info = splits.info
+
+    def loader(data, indices, train: bool) -> Loader:
+        bs = recipe.batch_size if train else recipe.eval_batch_size
+        return make_loader(data, info, indices, bs, train, recipe.augment if train else "none", seed, device)
+
+    eval_loaders = {"test": loader(splits.test, None, False)}
+    if len(val):
+        eval_loaders["val"] = loader(splits.train, val, False)
+    return Task(
+        train_loader=loader(splits.train, train_idx, True),
+        eval_loaders=eval_loaders,
+        device=device,
+        seed=seed,
+        checkpoint_path=checkpoint_path,
+        target_top1=target_top1,
+        progress=progress,
+        description=description,
+    )

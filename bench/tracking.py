@@ -1,0 +1,179 @@
+"""MLflow tracking: one MLflow experiment per suite, one MLflow run per run spec.
+
+The store defaults to ``sqlite:///results/mlflow.db`` (``MLFLOW_TRACKING_URI`` or ``--tracking-uri``
+override it). Each run carries the spec as params, per-epoch metrics (``step`` = epoch), tags (spec hash,
+git commit, torch version, device, status, error) and the final student weights as an artifact. A run
+is found again by its spec hash, which is how finished work is skipped and interrupted work resumed in
+the same MLflow run.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FINISHED, FAILED, RUNNING, KILLED = "FINISHED", "FAILED", "RUNNING", "KILLED"
+
+
+def default_tracking_uri(results_dir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def with_retry(fn: Callable[[], T], attempts: int = 8, delay: float = 0.2) -> T:
+    """Retry ``fn`` on transient store errors (e.g. sqlite "database is locked" with concurrent writers)."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # mlflow wraps sqlalchemy errors in MlflowException
+            if "locked" not in str(err).lower() and "busy" not in str(err).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(delay * (2**attempt))
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class TrackedRun:
+    run_id: str
+    status: str
+    tags: dict[str, str]
+
+
+class Tracker:
+    """A thin layer over ``MlflowClient`` bound to one experiment."""
+
+    def __init__(self, experiment: str, tracking_uri: str, artifact_root: Path) -> None:
+        _quiet_mlflow()
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        exp = with_retry(lambda: self.client.get_experiment_by_name(experiment))
+        if exp is None:
+            location = (artifact_root / experiment).resolve().as_uri()
+            try:
+                self.experiment_id = with_retry(lambda: self.client.create_experiment(experiment, location))
+            except Exception:  # created concurrently by another process
+                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+        self.experiment = experiment
+
+    def runs_for(self, spec_hash: str) -> list[TrackedRun]:
+        runs = with_retry(
+            lambda: self.client.search_runs([self.experiment_id], filter_string=f"tags.spec_hash = '{spec_hash}'")
+        )
+        return [TrackedRun(r.info.run_id, r.info.status, r.data.tags) for r in runs]
+
+    def is_finished(self, spec_hash: str) -> bool:
+        return any(r.status == FINISHED for r in self.runs_for(spec_hash))
+
+    def start(
+        self, run_name: str, spec_hash: str, params: dict[str, Any], tags: dict[str, str]
+    ) -> tuple[str, bool]:
+        """Reuse the unfinished run of this spec (resume: the curve continues) or create a new one.
+
+        Returns ``(run_id, resumed)``."""
+        previous = [r for r in self.runs_for(spec_hash) if r.status != FINISHED]
+        if previous:
+            run_id = previous[0].run_id
+            with_retry(lambda: self.client.update_run(run_id, status=RUNNING))
+            self.set_tags(run_id, {**tags, "resumed": "true", "status": "running"})
+            return run_id, True
+        base_tags = {
+            "spec_hash": spec_hash,
+            "git_commit": git_commit(),
+            "torch_version": torch.__version__,
+            "mlflow.runName": run_name,
+            "status": "running",
+            **tags,
+        }
+        run = with_retry(lambda: self.client.create_run(self.experiment_id, tags=base_tags, run_name=run_name))
+        run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            with_retry(lambda: self.client.log_batch(run_id, params=items[start : start + 100]))
+        return run_id, False
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        with_retry(lambda: self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()]))
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        for start in range(0, len(items), 500):
+            with_retry(lambda: self.client.log_batch(run_id, metrics=items[start : start + 500]))
+
+    def log_artifact(self, run_id: str, path: Path) -> None:
+        with_retry(lambda: self.client.log_artifact(run_id, str(path)))
+
+    def end(self, run_id: str, status: str, error: str | None = None) -> None:
+        if error:
+            self.set_tags(run_id, {"error": error.splitlines()[0][:500] if error else ""})
+        self.set_tags(run_id, {"status": status.lower()})
+        with_retry(lambda: self.client.set_terminated(run_id, status=status))
+
+    def search(self):
+        """All runs of the experiment as a pandas DataFrame (``mlflow.search_runs``)."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        return with_retry(lambda: mlflow.search_runs(experiment_ids=[self.experiment_id], max_results=100_000))
+
+    def metric_history(self, run_id: str, key: str) -> list[float]:
+        """Per-epoch values of ``key``, one per step (the last logged value wins after a resume)."""
+        history = with_retry(lambda: self.client.get_metric_history(run_id, key))
+        by_step = {}
+        for m in sorted(history, key=lambda m: m.timestamp):
+            by_step[m.step] = m.value
+        return [by_step[s] for s in sorted(by_step)]
+
+
+class EpochLogger:
+    """Engine hook: logs each epoch's metrics to the MLflow run (and forwards to an optional callback)."""
+
+    def __init__(self, tracker: Tracker, run_id: str, extra: Callable[[int, dict[str, float]], None] | None = None):
+        self.tracker, self.run_id, self.extra = tracker, run_id, extra
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        finite = {k: v for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        self.tracker.log_metrics(self.run_id, finite, step=epoch + 1)
+        if self.extra is not None:
+            self.extra(epoch, metrics)
+
+
+def summary_metric_names(summary: dict[str, float]) -> dict[str, float]:
+    """History summary → the run's final metrics: ``test_top1`` → ``top1``, ``teacher_test_ece`` →
+    ``teacher_ece``, ``best_test_top1`` → ``best_top1`` (other splits keep their prefix)."""
+    return {k.replace("test_", ""): v for k, v in summary.items()}
+

@@ -1,0 +1,48 @@
+"""``kd``: vanilla knowledge distillation (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a
+Neural Network", eq. 2 with the T² gradient-scale factor of §2).
+
+Defaults follow the CRD benchmark protocol (Tian et al. 2020): T=4, loss = 0.1·CE + 0.9·KD.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from methods.base import Method, register_method
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+    """T²·KL(p_t ‖ p_s) with p = softmax(logits / T), summed over classes, mean over the batch."""
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
+    return kl * temperature**2
+
+
+@dataclass
+class KDHparams:
+    temperature: float = 4.0
+    ce_weight: float = 0.1
+    kd_weight: float = 0.9
+
+    def validate(self, where: str) -> None:
+        from bench.errors import BenchError
+
+        if self.temperature <= 0:
+            raise BenchError(f"{where}.temperature: must be > 0, got {self.temperature}")
+
+
+@register_method
+class KD(Method):
+    name = "kd"
+    Hparams = KDHparams
+
+    def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.student(x)
+        teacher_logits = self.teacher_features(x).logits
+        return logits, {
+            "ce": self.hp.ce_weight * F.cross_entropy(logits, y),
+            "kd": self.hp.kd_weight * kd_loss(logits, teacher_logits, self.hp.temperature),
+        }
