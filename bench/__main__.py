@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--download", action="store_true", help="download torchvision datasets into --data-root")
     run.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     run.add_argument("--rerun", action="store_true", help="run specs again even if a finished run exists")
+    run.add_argument("--teacher-dir", type=Path, help="folder of published teacher checkpoints "
+                     "(<arch>_vanilla/ckpt_epoch_240.pth, as mdistiller's cifar_teachers.tar)")
     run.add_argument("--no-progress", action="store_true", help="no per-epoch progress bars")
     _add_common(run)
 
@@ -68,7 +70,7 @@ def cmd_run(args) -> int:
     suite = load_suite(args.suite)
     options = RunOptions(
         results_dir=args.results, data_root=args.data_root, download=args.download, device=args.device,
-        rerun=args.rerun, tracking_uri=args.tracking_uri, progress=not args.no_progress and sys.stderr.isatty(),
+        rerun=args.rerun, tracking_uri=args.tracking_uri, teacher_dir=args.teacher_dir, progress=not args.no_progress and sys.stderr.isatty(),
     )  # fmt: skip
     report = run_suite(suite, options)
     out = suite_dir(options, suite)

@@ -138,29 +138,52 @@ def _digits(root: Path | None, download: bool) -> Splits:
     )
 
 
+def read_cifar_split(folder: Path, train: bool, num_classes: int) -> TensorImages:
+    """Read one split of the CIFAR python pickle format (``data_batch_*``/``test`` in ``folder``)."""
+    import pickle
+
+    if num_classes == 10:  # cifar-10-batches-py: data_batch_1..5, test_batch
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    else:  # cifar-100-python: train, test
+        names = ["train"] if train else ["test"]
+    images, targets = [], []
+    for name in names:
+        path = folder / name
+        if not path.exists():
+            raise BenchError(f"missing {path}; pass --download to fetch the dataset")
+        with open(path, "rb") as fh:
+            batch = pickle.load(fh, encoding="latin1")
+        labels = batch.get("labels", batch.get("fine_labels"))
+        if "data" not in batch or labels is None:
+            raise BenchError(f"{path} is not a CIFAR batch file (no data/labels)")
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        targets.extend(labels)
+    return TensorImages(torch.from_numpy(np.concatenate(images)), torch.as_tensor(targets, dtype=torch.int64))
+
+
 def _cifar(name: str, cls_name: str, num_classes: int, mean, std) -> DatasetLoader:
+    """CIFAR in torchvision's on-disk layout (``cifar-10-batches-py/`` or ``cifar-100-python/``).
+
+    ``download=True`` fetches and md5-checks the archive through torchvision; the pickles are then read
+    directly (so a folder in the real format, e.g. a test fixture, loads without the download checksums).
+    """
+
     def load(root: Path | None, download: bool) -> Splits:
         import torchvision
 
         if root is None:
             raise BenchError(f"dataset {name!r} needs a data root: pass --data-root DIR or set KDBENCH_DATA")
         cls = getattr(torchvision.datasets, cls_name)
-        try:
-            train = cls(str(root), train=True, download=download)
-            test = cls(str(root), train=False, download=download)
-        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
-            raise BenchError(
-                f"{name}: no valid {cls.base_folder}/ under {root} ({err}); pass --download to fetch it"
-            ) from None
-        except OSError as err:  # no network
-            raise BenchError(f"{name}: download into {root} failed: {err}") from None
-
-        def to_tensors(ds) -> TensorImages:
-            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-            return TensorImages(images, torch.as_tensor(ds.targets, dtype=torch.int64))
-
+        folder = root / cls.base_folder
+        if download and not folder.is_dir():
+            try:
+                cls(str(root), train=True, download=True)
+            except OSError as err:  # no network
+                raise BenchError(f"{name}: download into {root} failed: {err}") from None
+        if not folder.is_dir():
+            raise BenchError(f"{name}: no {cls.base_folder}/ under {root}; pass --download to fetch it")
         info = DatasetInfo(name, num_classes, 3, 32, mean, std, default_augment="crop_flip")
-        return Splits(info, to_tensors(train), to_tensors(test))
+        return Splits(info, read_cifar_split(folder, True, num_classes), read_cifar_split(folder, False, num_classes))
 
     return register_dataset(name)(load)
 

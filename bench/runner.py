@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from bench.calibration import final_calibration
 from bench.data import Splits, load_dataset
 from bench.engine import atomic_save, build_task, pick_device, seed_everything
 from bench.errors import BenchError
@@ -32,6 +33,7 @@ class RunOptions:
     rerun: bool = False
     tracking_uri: str | None = None
     progress: bool = True
+    teacher_dir: Path | None = None
 
 
 @dataclass
@@ -113,10 +115,13 @@ def execute_spec(
         if teacher is not None:
             final["teacher_top1"] = teacher.top1
             tracker.set_tags(run_id, {"teacher_hash": teacher.spec.hash})
+        extra_metrics, artifacts = final_calibration(method, task, run_dir)
+        final.update(extra_metrics)
         tracker.log_metrics(run_id, final, step=spec.recipe.epochs)
         weights = run_dir / "student.pt"
         atomic_save(method.student.state_dict(), weights)
-        tracker.log_artifact(run_id, weights)
+        for path in [weights, *artifacts]:
+            tracker.log_artifact(run_id, path)
         tracker.end(run_id, FINISHED)
         return FINISHED, final
     except KeyboardInterrupt:
@@ -139,7 +144,9 @@ def prepare_teachers(
         try:
             if tspec.checkpoint is not None:
                 read_state_dict(tspec.checkpoint)  # fail early with a clear message
-            records[tspec.hash] = ensure_teacher(tspec, splits, options.results_dir, device, options.progress)
+            records[tspec.hash] = ensure_teacher(
+                tspec, splits, options.results_dir, device, options.progress, teacher_dir=options.teacher_dir
+            )
             log(f"teacher {tspec.model} [{tspec.hash}]: test top-1 {records[tspec.hash].top1:.2f} "
                 f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
         except BenchError:

@@ -62,9 +62,16 @@ def build_teacher(spec: TeacherSpec, splits: Splits, state: dict[str, torch.Tens
 
 
 def ensure_teacher(
-    spec: TeacherSpec, splits: Splits, results_dir: Path, device: torch.device, progress: bool = True
+    spec: TeacherSpec,
+    splits: Splits,
+    results_dir: Path,
+    device: torch.device,
+    progress: bool = True,
+    teacher_dir: Path | None = None,
 ) -> TeacherRecord:
-    """Train (or load) the teacher of ``spec`` once; later calls return the cached record."""
+    """Train (or load) the teacher of ``spec`` once; later calls return the cached record.
+
+    ``teacher_dir``: a folder of published teacher checkpoints (``--teacher-dir``); not used yet."""
     folder = results_dir / "teachers" / f"{spec.model}-{spec.hash}"
     final = folder / "teacher.pt"
     if final.exists():

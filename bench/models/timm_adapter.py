@@ -181,7 +181,7 @@ def create_timm_model(name: str, num_classes: int, in_channels: int = 3, pretrai
         raise BenchError(
             f"could not load pretrained weights for 'timm:{name}' ({type(exc).__name__}: {reason}); "
             "offline? download them into the Hugging Face cache (HF_HOME, default ~/.cache/huggingface) "
-            "or pass pretrained_cfg_overlay=dict(file='/path/to/weights')"
+            "or pass pretrained_cfg_overlay=dict(file='/path/to/weights'); HF_HUB_OFFLINE=1 skips the network retries"
         ) from exc
     return TimmStagedNet(model, name, in_channels)
 
