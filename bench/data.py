@@ -117,7 +117,7 @@ def _digits(root: Path | None, download: bool) -> Splits:
     """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), offline.
 
     Pixel values 0..16 are rescaled to uint8 0..255. A fixed stratified split (seed 0) keeps 20 % of
-    each class as the test set (1437 train / 360 test).
+    each class (rounded up) as the test set (1433 train / 364 test).
     """
     from sklearn.datasets import load_digits
 

@@ -1,0 +1,115 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.errors import BenchError
+from bench.suites import expand, load_suite
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = {
+    "name": "t",
+    "dataset": "digits",
+    "pairs": [{"teacher": "resnet20", "student": "resnet8"}],
+    "methods": ["ce", {"kd": {"temperature": 2.0}}, {"name": "kd", "label": "kd-T8", "hparams": {"temperature": 8}}],
+    "fractions": [0.4, 1.0],
+    "seeds": [0, 1],
+    "recipe": {"epochs": 3, "milestones": [2]},
+}
+
+
+def write(tmp_path, data) -> Path:
+    path = tmp_path / "suite.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_expand_enumerates_pairs_methods_fractions_seeds(tmp_path):
+    suite = load_suite(write(tmp_path, GOOD))
+    specs = expand(suite)
+    assert len(specs) == 1 * 3 * 2 * 2
+    assert len({s.hash for s in specs}) == len(specs)
+    kd8 = [s for s in specs if s.label == "kd-T8"][0]
+    assert kd8.hparams == {"temperature": 8.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    assert [s for s in specs if s.method == "ce"][0].teacher_spec is None
+    assert kd8.teacher_spec.recipe.epochs == 3
+
+
+def test_hash_is_stable_and_ignores_labels_but_not_hparams(tmp_path):
+    a = expand(load_suite(write(tmp_path, GOOD)))
+    b = expand(load_suite(write(tmp_path, {**GOOD, "name": "other"})))
+    assert [s.hash for s in a] == [s.hash for s in b]
+    changed = {**GOOD, "methods": ["ce", {"kd": {"temperature": 3.0}}, GOOD["methods"][2]]}
+    c = expand(load_suite(write(tmp_path, changed)))
+    assert {s.hash for s in a} != {s.hash for s in c}
+
+
+def test_per_pair_hparams_override_the_method_entry(tmp_path):
+    data = {**GOOD, "pairs": [{"teacher": "resnet20", "student": "resnet8", "hparams": {"kd": {"temperature": 6}}}]}
+    specs = expand(load_suite(write(tmp_path, data)))
+    assert {s.hparams["temperature"] for s in specs if s.label == "kd"} == {6.0}
+
+
+BAD = [
+    ({**GOOD, "colour": 1}, "unknown key 'colour'"),
+    ({**GOOD, "dataset": "mnist"}, "dataset: unknown dataset 'mnist'"),
+    ({**GOOD, "pairs": [{"teacher": "resnet1000", "student": "resnet8"}]}, "pairs[0].teacher: unknown model"),
+    ({**GOOD, "pairs": [{"teacher": "resnet20"}]}, "pairs[0]"),
+    ({**GOOD, "methods": ["kd", "magic"]}, "methods[1]: unknown method 'magic'"),
+    ({**GOOD, "methods": [{"kd": {"tau": 4}}]}, "methods[0].kd: unknown key 'tau'"),
+    ({**GOOD, "methods": [{"kd": {"temperature": "hot"}}]}, "methods[0].kd.temperature: expected a number"),
+    ({**GOOD, "methods": [{"kd": {"temperature": -1}}]}, "temperature: must be > 0"),
+    ({**GOOD, "methods": []}, "methods: must be a non-empty list"),
+    ({**GOOD, "fractions": [0.4, 1.5]}, "fractions: 1.5 is outside (0, 1]"),
+    ({**GOOD, "fractions": [0]}, "fractions: 0.0 is outside (0, 1]"),
+    ({**GOOD, "fractions": []}, "fractions: must be a non-empty list"),
+    ({**GOOD, "seeds": ["a"]}, "seeds: 'a' is not an integer"),
+    ({**GOOD, "recipe": {"epochs": 0}}, "recipe.epochs: must be >= 1"),
+    ({**GOOD, "recipe": {"epochs": 5, "milestones": [7]}}, "recipe.milestones: must lie in (0, epochs=5)"),
+    ({**GOOD, "recipe": {"lr": "fast"}}, "recipe.lr: expected a number"),
+    ({**GOOD, "recipe": {"augment": "mixup"}}, "recipe.augment: must be one of"),
+    ({**GOOD, "methods": ["kd", "kd"]}, "label 'kd' used twice"),
+    ({**GOOD, "pairs": [{"teacher": "resnet20", "student": "resnet8", "hparams": {"dkd": {}}}]}, "not a method label"),
+    ("name: [unclosed\n", "YAML syntax error"),
+    ("- just\n- a list\n", "must be a YAML mapping"),
+]
+
+
+@pytest.mark.parametrize("data,message", BAD, ids=[m for _, m in BAD])
+def test_invalid_suites_raise_one_line_errors_naming_the_field(tmp_path, data, message):
+    with pytest.raises(BenchError) as err:
+        load_suite(write(tmp_path, data))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_suite_name_and_missing_file():
+    with pytest.raises(BenchError, match="unknown suite 'nope'"):
+        load_suite("nope")
+    with pytest.raises(BenchError, match="not found"):
+        load_suite("missing/suite.yaml")
+
+
+def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    suite = write(tmp_path, {**GOOD, "fractions": [2.0]})
+    results = tmp_path / "results"
+    for cmd in (["validate", str(suite)], ["run", str(suite), "--results", str(results)]):
+        proc = subprocess.run([sys.executable, "-m", "bench", *cmd], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+        assert "fractions" in proc.stderr
+    assert not results.exists()
+
+
+def test_cli_missing_dataset_path_exits_2(tmp_path):
+    suite = write(tmp_path, {**GOOD, "dataset": "cifar100"})
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "run", str(suite), "--data-root", str(tmp_path / "nowhere"), "--results", str(results)],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "cifar-100-python" in proc.stderr and "Traceback" not in proc.stderr
+    assert not results.exists()
