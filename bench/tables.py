@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.calibration import calibration_sections, is_online, plot_reliability
 from bench.suites import RunSpec, Suite, expand
 from bench.tracking import Tracker
 
@@ -71,7 +72,7 @@ def pivot(frame: pd.DataFrame, suite: Suite, metric: str, with_teacher: bool = T
             sel = frame[(frame.teacher == pair.teacher) & (frame.student == pair.student) & (frame.fraction == fraction)]
             cells = [pair.label, f"{fraction:g}"]
             if with_teacher:
-                teacher = sel["teacher_top1"].dropna()
+                teacher = sel[~sel.method.map(is_online)]["teacher_top1"].dropna()  # online teachers: own table
                 cells.append(f"{teacher.iloc[0]:.2f}" if len(teacher) else "—")
             for label in labels:
                 runs = sel[sel.label == label]
@@ -123,7 +124,7 @@ def reference_table(frame: pd.DataFrame, suite: Suite) -> str | None:
             column = "ce" if label == "student" else label  # the student baseline is the `ce` column
             sel = full[(full.teacher == pair.teacher) & (full.student == pair.student) & (full.label == column)]
             if label == "teacher":
-                ours = full[full.teacher == pair.teacher]["teacher_top1"].dropna()
+                ours = full[(full.teacher == pair.teacher) & ~full.method.map(is_online)]["teacher_top1"].dropna()
                 final = f"{ours.iloc[0]:.2f}" if len(ours) else "—"
                 best, delta = "—", (f"{ours.iloc[0] - ref:+.2f}" if len(ours) else "—")
             else:
@@ -153,6 +154,7 @@ def markdown(frame: pd.DataFrame, suite: Suite) -> str:
         pivot(frame, suite, "ece", with_teacher=False),
         "## Test NLL, final epoch",
         pivot(frame, suite, "nll", with_teacher=False),
+        *calibration_sections(frame, suite),
     ]
     if suite.target_top1 is not None:
         parts += [
@@ -213,4 +215,5 @@ def write_tables(suite: Suite, tracker: Tracker, out_dir: Path) -> pd.DataFrame:
     frame.to_csv(out_dir / "runs.csv", index=False)
     (out_dir / "tables.md").write_text(markdown(frame, suite))
     plot_convergence(tracker, frame, suite, out_dir / "convergence.png")
+    plot_reliability(tracker, frame, suite, out_dir)
     return frame

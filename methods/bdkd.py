@@ -1,0 +1,161 @@
+"""``bdkd``: BD-KD, "Balancing the Divergences for Online Knowledge Distillation" (Amara, Sepahvand, Meyer,
+Gross & Clark, arXiv 2212.12965; v2 2024).
+
+Online KD: the teacher (the pair's teacher architecture) and the student train together from scratch, one
+SGD step over both per batch; both are evaluated every epoch. The paper's body, equations and code were not
+available to us (see ``shared/research/methods.md`` §2): the abstracts say the student's distillation loss
+weighs forward KL(p_t‖p_s) and reverse KL(p_s‖p_t) sample by sample, guided by the entropy gap between the
+two predictions, and that v2 also adjusts the teacher's loss (a reverse-KL regulariser). What follows is
+**our reading**, every choice a hyperparameter:
+
+Student (``bdkd_student_loss``)::
+
+    L_s = CE(z_s, y) + T² · mean_i [ w_f,i · KL(p_t,i ‖ p_s,i) + w_r,i · KL(p_s,i ‖ p_t,i) ]
+
+with p = softmax(z / T), the teacher detached, and weights from the entropy gap
+Δ_i = H(p_s,i) − H(p_t,i) (``balance_weights``, no gradient through them):
+
+- ``balance="hard"`` (default): reverse KL where the student is less confident than the teacher
+  (Δ_i > 0), forward KL otherwise: w_r,i = reverse_weight·[Δ_i > 0], w_f,i = forward_weight·[Δ_i ≤ 0];
+- ``balance="soft"``: w_r,i = reverse_weight·σ(Δ_i/κ), w_f,i = forward_weight·(1 − σ(Δ_i/κ)).
+
+Teacher (``bdkd_teacher_loss``)::
+
+    L_t = CE(z_t, y) + teacher_weight · T² · mean_i D_i
+
+where D is a divergence between the teacher and the detached student, named from the teacher's side as
+for the student (the trained network is "self", the detached one the target): ``"forward"`` =
+KL(p_s‖p_t), the conventional DML teacher term (our reading of v1, which balanced only the student loss);
+``"reverse"`` (default, our reading of v2's "reverse KL as a regulariser") = KL(p_t‖p_s); ``"none"`` =
+CE alone.
+
+Choices where the paper is silent to us: T = 1 (DML's plain softmax; with ``balance="hard"`` and
+``teacher_divergence="forward"`` a batch where every Δ_i ≤ 0 gives exactly DML's losses, so ``bdkd`` vs
+``dml`` isolates the balancing), entropies computed at the same temperature T as the divergences they
+weigh, κ = 1 nat, ``teacher_weight`` = 1 (DML's weight), no warm-up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bench.errors import BenchError
+from methods.base import Method, register_method
+
+Balance = Literal["hard", "soft"]
+TeacherDivergence = Literal["reverse", "forward", "none"]
+
+
+def kl_per_sample(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p_i ‖ q_i) for each row i, from log-probabilities of shape (N, C); returns shape (N,)."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def entropy_gap(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Δ_i = H(p_s,i) − H(p_t,i) in nats, p = softmax(z / T); computed without gradient."""
+    with torch.no_grad():
+        log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+        log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+        return (log_p_t.exp() * log_p_t).sum(dim=1) - (log_p_s.exp() * log_p_s).sum(dim=1)
+
+
+def balance_weights(
+    gap: Tensor, balance: Balance = "hard", forward_weight: float = 1.0, reverse_weight: float = 1.0, kappa: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Per-sample (w_f, w_r) from the entropy gap Δ (see module docstring); detached from the graph."""
+    gap = gap.detach()
+    if balance == "hard":
+        reverse = (gap > 0).to(gap.dtype)
+    elif balance == "soft":
+        reverse = torch.sigmoid(gap / kappa)
+    else:
+        raise ValueError(f"balance must be 'hard' or 'soft', got {balance!r}")
+    return forward_weight * (1 - reverse), reverse_weight * reverse
+
+
+def bdkd_student_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    balance: Balance = "hard",
+    forward_weight: float = 1.0,
+    reverse_weight: float = 1.0,
+    kappa: float = 1.0,
+) -> Tensor:
+    """CE + T²·mean_i[w_f,i KL(p_t,i‖p_s,i) + w_r,i KL(p_s,i‖p_t,i)], teacher detached, weights from Δ_i."""
+    teacher_logits = teacher_logits.detach()
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    gap = entropy_gap(student_logits, teacher_logits, temperature)
+    w_f, w_r = balance_weights(gap, balance, forward_weight, reverse_weight, kappa)
+    distill = w_f * kl_per_sample(log_p_t, log_p_s) + w_r * kl_per_sample(log_p_s, log_p_t)
+    return F.cross_entropy(student_logits, targets) + temperature**2 * distill.mean()
+
+
+def bdkd_teacher_loss(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    teacher_weight: float = 1.0,
+    teacher_divergence: TeacherDivergence = "reverse",
+) -> Tensor:
+    """CE + teacher_weight·T²·mean_i D_i, student detached; D = KL(p_t‖p_s) ("reverse"), KL(p_s‖p_t)
+    ("forward") or 0 ("none")."""
+    ce = F.cross_entropy(teacher_logits, targets)
+    if teacher_divergence == "none":
+        return ce
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_p_s = F.log_softmax(student_logits.detach() / temperature, dim=1)
+    if teacher_divergence == "reverse":
+        div = kl_per_sample(log_p_t, log_p_s)
+    elif teacher_divergence == "forward":
+        div = kl_per_sample(log_p_s, log_p_t)
+    else:
+        raise ValueError(f"teacher_divergence must be 'reverse', 'forward' or 'none', got {teacher_divergence!r}")
+    return ce + teacher_weight * temperature**2 * div.mean()
+
+
+@dataclass
+class BDKDHparams:
+    temperature: float = 1.0
+    balance: Balance = "hard"
+    forward_weight: float = 1.0
+    reverse_weight: float = 1.0
+    kappa: float = 1.0
+    teacher_weight: float = 1.0
+    teacher_divergence: TeacherDivergence = "reverse"
+
+    def validate(self, where: str) -> None:
+        checks = [
+            (self.temperature > 0, "temperature", "must be > 0"),
+            (self.kappa > 0, "kappa", "must be > 0"),
+            (self.forward_weight >= 0, "forward_weight", "must be >= 0"),
+            (self.reverse_weight >= 0, "reverse_weight", "must be >= 0"),
+            (self.teacher_weight >= 0, "teacher_weight", "must be >= 0"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise BenchError(f"{where}.{name}: {msg}, got {getattr(self, name)!r}")
+
+
+@register_method
+class BDKD(Method):
+    name = "bdkd"
+    Hparams = BDKDHparams
+    teacher_mode = "online"
+
+    def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.student(x)
+        teacher_logits = self.teacher(x)
+        hp = self.hp
+        student = bdkd_student_loss(
+            logits, teacher_logits, y, hp.temperature, hp.balance, hp.forward_weight, hp.reverse_weight, hp.kappa
+        )
+        teacher = bdkd_teacher_loss(teacher_logits, logits, y, hp.temperature, hp.teacher_weight, hp.teacher_divergence)
+        return logits, {"student": student, "teacher": teacher}
