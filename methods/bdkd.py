@@ -45,14 +45,10 @@ from torch import Tensor
 
 from bench.errors import BenchError
 from methods.base import Method, register_method
+from methods.kd import kl_per_sample
 
 Balance = Literal["hard", "soft"]
 TeacherDivergence = Literal["reverse", "forward", "none"]
-
-
-def kl_per_sample(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p_i ‖ q_i) for each row i, from log-probabilities of shape (N, C); returns shape (N,)."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
 
 
 def entropy_gap(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:

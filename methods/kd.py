@@ -13,12 +13,16 @@ from torch import Tensor
 from methods.base import Method, register_method
 
 
+def kl_per_sample(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p_i ‖ q_i) for each row i, from log-probabilities of shape (N, C); returns shape (N,)."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
     """T²·KL(p_t ‖ p_s) with p = softmax(logits / T), summed over classes, mean over the batch."""
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
-    return kl * temperature**2
+    return kl_per_sample(log_p_t, log_p_s).mean() * temperature**2
 
 
 @dataclass
