@@ -40,6 +40,11 @@ class Recipe:
     grad_clip: float | None = None
     eval_batch_size: int = 512
     val_fraction: float = 0.0
+    # Speed switches, all off by default (a reference run never turns them on silently). Each is a
+    # recipe field, so it is part of the run's hash and logged as an MLflow param (``recipe.amp`` ...).
+    amp: bool = False  # bf16 autocast of the forward passes (teacher, student, losses) and evaluation
+    channels_last: bool = False  # NHWC memory format for the models and the input batches
+    compile: bool = False  # torch.compile of the method's training forward (``forward_train``)
 
     def validate(self, where: str) -> None:
         from bench.data import AUGMENTATIONS
@@ -177,76 +182,130 @@ class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def fit(method, task: Task, recipe: Recipe, hooks: Hooks | None = None) -> History:
-    """Train ``method`` for ``recipe.epochs`` epochs, resuming from ``task.checkpoint_path`` if present."""
-    method.to(task.device)
-    optimizer = make_optimizer(method.trainable_parameters(), recipe)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(recipe.milestones), recipe.gamma)
-    history, start = History(), 0
-    seed_everything(task.seed)
-    ckpt_path = task.checkpoint_path
-    if ckpt_path is not None and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=task.device, weights_only=False)
-        method.load_checkpoint_state(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = History(state["history"])
-        start = state["epoch"]
-        _set_rng_state(state["rng"])
+# ``torch.compile`` arguments for ``recipe.compile`` (a test swaps in the fast ``eager`` backend).
+COMPILE_OPTIONS: dict[str, Any] = {}
 
-    bar = None
-    if task.progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=recipe.epochs, initial=start, desc=task.description or method.name, unit="ep", leave=False)
-    for epoch in range(start, recipe.epochs):
-        t0 = time.perf_counter()
-        method.train()
-        method.on_epoch_start(epoch)
-        task.train_loader.set_epoch(epoch)
-        sums: dict[str, torch.Tensor] = {}
-        steps = 0
-        for x, y in task.train_loader:
-            _, losses = method.forward_train(x, y)
+def autocast(recipe: Recipe, device: torch.device):
+    """bf16 autocast when ``recipe.amp``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.amp)
+
+
+def prepare_batch(x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """The input batch in the recipe's memory format (NHWC for ``channels_last``)."""
+    if recipe.channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+class TrainingRun:
+    """One method's training state: optimizer, scheduler, history, RNG state and checkpoint.
+
+    ``fit`` drives one run over the task's batches; :func:`bench.lockstep.fit_lockstep` drives several on
+    shared batches. Both call the same three steps: ``begin_epoch``, ``step`` per batch, ``end_epoch``.
+    """
+
+    def __init__(self, method, task: Task, recipe: Recipe, hooks: Hooks | None = None) -> None:
+        self.method, self.task, self.recipe, self.hooks = method, task, recipe, hooks
+        method.to(task.device)
+        if recipe.channels_last:
+            method.to(memory_format=torch.channels_last)
+        self.params = method.trainable_parameters()
+        self.optimizer = make_optimizer(self.params, recipe)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(recipe.milestones), recipe.gamma)
+        self.history, self.start = History(), 0
+        seed_everything(task.seed)
+        ckpt_path = task.checkpoint_path
+        if ckpt_path is not None and ckpt_path.exists():
+            state = torch.load(ckpt_path, map_location=task.device, weights_only=False)
+            method.load_checkpoint_state(state["method"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.history = History(state["history"])
+            self.start = state["epoch"]
+            _set_rng_state(state["rng"])
+        self.forward_train = torch.compile(method.forward_train, **COMPILE_OPTIONS) if recipe.compile else method.forward_train
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.method.train()
+        self.method.on_epoch_start(epoch)
+        self.sums, self.steps = {}, 0
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, *extra: torch.Tensor) -> None:
+        """One optimizer step on a batch (already in the recipe's memory format, see ``prepare_batch``).
+        ``extra``: what the loader yields after ``(x, y)`` (e.g. sample indices), passed to ``forward_train``."""
+        with autocast(self.recipe, self.task.device):
+            _, losses = self.forward_train(x, y, *extra)
             loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.grad_clip is not None:
-                nn.utils.clip_grad_norm_(method.trainable_parameters(), recipe.grad_clip)
-            optimizer.step()
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.detach()
-            sums["loss"] = sums.get("loss", 0.0) + loss.detach()
-            steps += 1
-        train = {f"train_{k}" if k == "loss" else f"train_loss_{k}": float(v) / max(steps, 1) for k, v in sums.items()}
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.recipe.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.params, self.recipe.grad_clip)
+        self.optimizer.step()
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach()
+        self.sums["loss"] = self.sums.get("loss", 0.0) + loss.detach()
+        self.steps += 1
+
+    def end_epoch(self, epoch: int, train_s: float) -> dict[str, float]:
+        """Epoch metrics, evaluation, hooks and the checkpoint; ``train_s`` is the training phase's time."""
+        t0 = time.perf_counter()
+        steps = max(self.steps, 1)
+        train = {f"train_{k}" if k == "loss" else f"train_loss_{k}": float(v) / steps for k, v in self.sums.items()}
         if not math.isfinite(train.get("train_loss", 0.0)):
             raise DivergenceError(f"training loss is {train['train_loss']} at epoch {epoch + 1}")
-        metrics = {"epoch": float(epoch + 1), "lr": optimizer.param_groups[0]["lr"], **train}
-        scheduler.step()
-        for split, loader in task.eval_loaders.items():
-            metrics.update(evaluate_method(method, loader, split))
-        metrics["epoch_s"] = time.perf_counter() - t0
-        history.epochs.append(metrics)
-        if hooks is not None:  # before the checkpoint: a crash in between re-logs the epoch (same step)
-            hooks.on_epoch_end(epoch, metrics)
-        if ckpt_path is not None:
+        metrics = {"epoch": float(epoch + 1), "lr": self.optimizer.param_groups[0]["lr"], **train}
+        self.scheduler.step()
+        with autocast(self.recipe, self.task.device):
+            for split, loader in self.task.eval_loaders.items():
+                metrics.update(evaluate_method(self.method, loader, split))
+        metrics["epoch_s"] = train_s + time.perf_counter() - t0
+        self.history.epochs.append(metrics)
+        if self.hooks is not None:  # before the checkpoint: a crash in between re-logs the epoch (same step)
+            self.hooks.on_epoch_end(epoch, metrics)
+        if self.task.checkpoint_path is not None:
             atomic_save(
                 {
                     "epoch": epoch + 1,
-                    "method": method.checkpoint_state(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
+                    "method": self.method.checkpoint_state(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
                     "rng": _rng_state(),
-                    "history": history.epochs,
+                    "history": self.history.epochs,
                 },
-                ckpt_path,
+                self.task.checkpoint_path,
             )
+        return metrics
+
+
+def progress_bar(enabled: bool, epochs: int, start: int, desc: str):
+    """A tqdm bar over epochs, or None."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=epochs, initial=start, desc=desc, unit="ep", leave=False)
+
+
+def fit(method, task: Task, recipe: Recipe, hooks: Hooks | None = None) -> History:
+    """Train ``method`` for ``recipe.epochs`` epochs, resuming from ``task.checkpoint_path`` if present."""
+    run = TrainingRun(method, task, recipe, hooks)
+    bar = progress_bar(task.progress, recipe.epochs, run.start, task.description or method.name)
+    for epoch in range(run.start, recipe.epochs):
+        t0 = time.perf_counter()
+        run.begin_epoch(epoch)
+        task.train_loader.set_epoch(epoch)
+        for x, y, *extra in task.train_loader:
+            run.step(prepare_batch(x, recipe), y, *extra)
+        metrics = run.end_epoch(epoch, time.perf_counter() - t0)
         if bar is not None:
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", top1=f"{metrics.get('test_top1', float('nan')):.1f}")
             bar.update(1)
     if bar is not None:
         bar.close()
-    return history
+    return run.history
 
 
 def build_task(
