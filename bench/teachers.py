@@ -5,21 +5,149 @@ the same engine as every student (method ``ce``), checkpointing every epoch, so 
 resumes too. A user checkpoint (``teacher_checkpoint:`` in the suite) is loaded in the common published
 layouts (a bare ``state_dict``, ``{"model": ...}`` as in CRD / mdistiller, ``{"state_dict": ...}``,
 ``module.`` prefixes from DataParallel) and evaluated once on the test split.
+
+Published teachers (``--teacher-dir DIR``): ``suites/teachers.yaml`` (or ``DIR/teachers.yaml`` when present)
+lists, per dataset and teacher model, the checkpoint file under DIR (``<arch>_vanilla/ckpt_epoch_240.pth`` for
+the CRD CIFAR-100 teachers, as in mdistiller's ``cifar_teachers.tar``), an optional sha256 and the published
+test top-1. ``use_published_teachers`` gives every pair without a ``teacher_checkpoint`` the listed file (so
+the teacher spec, and the hash of every student run, records which file was used); ``ensure_teacher`` checks
+the sha256 when listed, evaluates the teacher once on the test split and refuses it (``BenchError``) when its
+top-1 is more than the tolerance off the published value.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
-from bench.config import to_dict
+from bench.config import from_mapping, to_dict
 from bench.data import Splits
 from bench.engine import atomic_save, build_task, predict, seed_everything
 from bench.errors import BenchError
 from bench.metrics import classification_metrics
 from bench.models import StagedNet, create_model
-from bench.suites import TeacherSpec
+from bench.suites import SUITES_DIR, Suite, TeacherSpec
+
+MANIFEST_NAME = "teachers.yaml"
+
+
+@dataclass
+class PublishedTeacher:
+    """One published checkpoint: its path under ``--teacher-dir``, optional sha256, published test top-1."""
+
+    file: str
+    top1: float
+    sha256: str | None = None
+    tolerance: float | None = None  # overrides the manifest's tolerance for this teacher
+
+    def validate(self, where: str) -> None:
+        hex_digits = set("0123456789abcdef")
+        if self.sha256 is not None and (len(self.sha256) != 64 or not set(self.sha256) <= hex_digits):
+            raise BenchError(f"{where}.sha256: expected 64 lower-case hex digits, got {self.sha256!r}")
+        if self.tolerance is not None and self.tolerance < 0:
+            raise BenchError(f"{where}.tolerance: must be >= 0, got {self.tolerance}")
+
+
+@dataclass
+class TeacherManifest:
+    """``teachers.yaml``: ``tolerance`` (top-1 points) and ``datasets: {dataset: {model: PublishedTeacher}}``."""
+
+    tolerance: float = 1.0
+    datasets: dict[str, dict[str, PublishedTeacher]] = field(default_factory=dict)
+    path: Path | None = field(default=None, init=False)
+
+    def validate(self, where: str) -> None:
+        if self.tolerance < 0:
+            raise BenchError(f"{where}.tolerance: must be >= 0, got {self.tolerance}")
+
+    def entry(self, dataset: str, model: str) -> PublishedTeacher:
+        teachers = self.datasets.get(dataset)
+        if not teachers:
+            raise BenchError(f"{self.path}: no published teachers for dataset {dataset!r} "
+                             f"(listed: {', '.join(sorted(self.datasets)) or 'none'})")  # fmt: skip
+        if model not in teachers:
+            raise BenchError(f"{self.path}: no published {dataset} teacher {model!r} (listed: {', '.join(teachers)}); "
+                             "give the pair a teacher_checkpoint or add the model to the manifest")  # fmt: skip
+        return teachers[model]
+
+    def tolerance_of(self, entry: PublishedTeacher) -> float:
+        return self.tolerance if entry.tolerance is None else entry.tolerance
+
+
+def manifest_path(teacher_dir: Path | None = None) -> Path:
+    """``DIR/teachers.yaml`` when the teacher folder has one, else the shipped ``suites/teachers.yaml``."""
+    if teacher_dir is not None and (Path(teacher_dir) / MANIFEST_NAME).exists():
+        return Path(teacher_dir) / MANIFEST_NAME
+    return SUITES_DIR / MANIFEST_NAME
+
+
+def load_manifest(path: Path) -> TeacherManifest:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise BenchError(f"teacher manifest {path} could not be read: {err}") from None
+    manifest = from_mapping(TeacherManifest, raw, str(path))
+    manifest.path = Path(path)
+    return manifest
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def published_checkpoint(teacher_dir: Path, entry: PublishedTeacher) -> Path:
+    return (Path(teacher_dir) / entry.file).resolve()
+
+
+def use_published_teachers(suite: Suite, teacher_dir: Path) -> None:
+    """``--teacher-dir``: every pair without a ``teacher_checkpoint`` gets the manifest's file under the folder.
+
+    Only for suites with an offline method (online methods train their teacher). Raises ``BenchError`` for a
+    teacher the manifest does not list or a file that is missing."""
+    from methods import get_method
+
+    if not any(get_method(m.name).teacher_mode == "offline" for m in suite.methods):
+        return
+    if not Path(teacher_dir).is_dir():
+        raise BenchError(f"--teacher-dir {teacher_dir}: not a folder")
+    manifest = load_manifest(manifest_path(teacher_dir))
+    for pair in suite.pairs:
+        if pair.teacher_checkpoint is not None:
+            continue
+        path = published_checkpoint(teacher_dir, manifest.entry(suite.dataset, pair.teacher))
+        if not path.exists():
+            raise BenchError(f"published teacher {pair.teacher}: {path} not found (listed in {manifest.path})")
+        pair.teacher_checkpoint = str(path)
+
+
+def check_published_teacher(record: "TeacherRecord", teacher_dir: Path) -> None:
+    """When ``record`` was loaded from the manifest's file under ``teacher_dir``: sha256 (if listed) and test
+    top-1 within the tolerance of the published value, else ``BenchError``. Other teachers pass unchecked."""
+    spec = record.spec
+    if spec.checkpoint is None:
+        return
+    manifest = load_manifest(manifest_path(teacher_dir))
+    teachers = manifest.datasets.get(spec.dataset, {})
+    entry = teachers.get(spec.model)
+    if entry is None or published_checkpoint(teacher_dir, entry) != Path(spec.checkpoint).resolve():
+        return
+    if entry.sha256 is not None and record.sha256 != entry.sha256:
+        raise BenchError(f"published teacher {spec.model}: {spec.checkpoint} has sha256 {record.sha256}, "
+                         f"{manifest.path} lists {entry.sha256}")  # fmt: skip
+    tolerance = manifest.tolerance_of(entry)
+    if abs(record.top1 - entry.top1) > tolerance:
+        raise BenchError(
+            f"published teacher {spec.model} ({spec.checkpoint}): test top-1 {record.top1:.2f} is "
+            f"{record.top1 - entry.top1:+.2f} points off the published {entry.top1:.2f} (tolerance {tolerance:g}, "
+            f"{manifest.path}); refusing to distil from it"
+        )
 
 
 @dataclass
@@ -27,10 +155,20 @@ class TeacherRecord:
     spec: TeacherSpec
     path: Path
     metrics: dict[str, float]
+    sha256: str | None = None  # of the checkpoint file the weights were loaded from (None: trained here)
 
     @property
     def top1(self) -> float:
         return self.metrics["top1"]
+
+    def tags(self) -> dict[str, str]:
+        """MLflow tags for every student run distilled from this teacher."""
+        tags = {"teacher_hash": self.spec.hash}
+        if self.spec.checkpoint is not None:
+            tags["teacher_checkpoint"] = str(self.spec.checkpoint)
+        if self.sha256 is not None:
+            tags["teacher_sha256"] = self.sha256
+        return tags
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -71,30 +209,43 @@ def ensure_teacher(
 ) -> TeacherRecord:
     """Train (or load) the teacher of ``spec`` once; later calls return the cached record.
 
-    ``teacher_dir``: a folder of published teacher checkpoints (``--teacher-dir``); not used yet."""
+    A loaded checkpoint is hashed (sha256) and re-evaluated when the file changed since it was cached.
+    ``teacher_dir`` (``--teacher-dir``): a teacher loaded from the manifest's file under it is verified by
+    :func:`check_published_teacher` (also when cached)."""
     folder = results_dir / "teachers" / f"{spec.model}-{spec.hash}"
     final = folder / "teacher.pt"
+    if spec.checkpoint is not None and not Path(spec.checkpoint).is_file():
+        raise BenchError(f"teacher checkpoint {spec.checkpoint} not found")
+    sha256 = file_sha256(spec.checkpoint) if spec.checkpoint is not None else None
+    record = None
     if final.exists():
         saved = torch.load(final, map_location="cpu", weights_only=False)
-        return TeacherRecord(spec, final, saved["metrics"])
-    if spec.checkpoint is not None:
-        model = build_teacher(spec, splits, read_state_dict(spec.checkpoint)).to(device)
-        task = build_task(splits, 1.0, spec.seed, spec.recipe, device, progress=False)
-        metrics = classification_metrics(*predict(model, task.eval_loaders["test"]))
-    else:
-        from methods import MethodContext, get_method
+        if saved.get("sha256") == sha256:
+            record = TeacherRecord(spec, final, saved["metrics"], sha256)
+    if record is None:
+        if spec.checkpoint is not None:
+            model = build_teacher(spec, splits, read_state_dict(spec.checkpoint)).to(device)
+            task = build_task(splits, 1.0, spec.seed, spec.recipe, device, progress=False)
+            metrics = classification_metrics(*predict(model, task.eval_loaders["test"]))
+        else:
+            from methods import MethodContext, get_method
 
-        seed_everything(spec.seed)
-        model = create_model(spec.model, splits.info.num_classes, splits.info.in_channels)
-        task = build_task(
-            splits, spec.fraction, spec.seed, spec.recipe, device,
-            checkpoint_path=folder / "checkpoint.pt", progress=progress, description=f"teacher {spec.model}",
-        )  # fmt: skip
-        method = get_method("ce")(model, None, None, MethodContext(splits.info, task.train_loader.num_samples, spec.recipe.epochs))
-        history = method.fit(task, spec.recipe)
-        metrics = {k.removeprefix("test_"): v for k, v in history.epochs[-1].items() if k.startswith("test_")}
-    atomic_save({"state_dict": model.state_dict(), "metrics": metrics, "spec": to_dict(spec)}, final)
-    return TeacherRecord(spec, final, metrics)
+            seed_everything(spec.seed)
+            model = create_model(spec.model, splits.info.num_classes, splits.info.in_channels)
+            task = build_task(
+                splits, spec.fraction, spec.seed, spec.recipe, device,
+                checkpoint_path=folder / "checkpoint.pt", progress=progress, description=f"teacher {spec.model}",
+            )  # fmt: skip
+            context = MethodContext(splits.info, task.train_loader.num_samples, spec.recipe.epochs)
+            method = get_method("ce")(model, None, None, context)
+            history = method.fit(task, spec.recipe)
+            metrics = {k.removeprefix("test_"): v for k, v in history.epochs[-1].items() if k.startswith("test_")}
+        saved = {"state_dict": model.state_dict(), "metrics": metrics, "spec": to_dict(spec), "sha256": sha256}
+        atomic_save(saved, final)
+        record = TeacherRecord(spec, final, metrics, sha256)
+    if teacher_dir is not None:
+        check_published_teacher(record, teacher_dir)
+    return record
 
 
 def load_teacher(record: TeacherRecord, splits: Splits) -> StagedNet:
