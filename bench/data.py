@@ -253,7 +253,12 @@ def holdout_indices(targets, val_fraction: float, seed: int) -> tuple[np.ndarray
 # Loaders
 # --------------------------------------------------------------------------------------------------
 class Loader(Protocol):
+    """Yields ``(x, y)`` batches, or ``(x, y, index)`` when ``with_indices`` is set: ``index`` is each sample's
+    position in the loader's subset (0..num_samples-1), whose labels are ``targets`` in that order."""
+
     num_samples: int
+    targets: Tensor
+    with_indices: bool
 
     def set_epoch(self, epoch: int) -> None: ...
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
@@ -309,6 +314,7 @@ class TensorLoader:
         self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
         self.epoch = 0
+        self.with_indices = False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -316,7 +322,7 @@ class TensorLoader:
     def __len__(self) -> int:
         return math.ceil(len(self.targets) / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         n = len(self.targets)
         gen = epoch_generator(self.seed, self.epoch)
         order = torch.randperm(n, generator=gen).to(self.device) if self.train else None
@@ -325,7 +331,11 @@ class TensorLoader:
             x = self.images[sel].float().div_(255)
             if self.train and self.augment != "none":
                 x = random_crop_flip(x, self.padding, self.augment == "crop_flip", gen)[0]
-            yield (x - self.mean) / self.std, self.targets[sel]
+            batch = ((x - self.mean) / self.std, self.targets[sel])
+            if self.with_indices:
+                index = sel if order is not None else torch.arange(n, device=self.device)[sel]
+                batch = (*batch, index)
+            yield batch
 
 
 class FolderLoader:
@@ -353,6 +363,10 @@ class FolderLoader:
             aug = [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
         data.folder.transform = T.Compose(aug + norm)
         dataset = data.folder if indices is None else torch.utils.data.Subset(data.folder, indices.tolist())
+        targets = data.target_array()
+        self.targets = torch.as_tensor(targets if indices is None else targets[indices])
+        self.with_indices = False
+        dataset = _WithIndex(dataset)
         self.num_samples = len(dataset)
         self.device = torch.device(device)
         self.generator = torch.Generator()
@@ -374,9 +388,24 @@ class FolderLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        for x, y, index in self.loader:
+            batch = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            yield (*batch, index.to(self.device, non_blocking=True)) if self.with_indices else batch
+
+
+class _WithIndex(torch.utils.data.Dataset):
+    """A dataset whose items also carry their position (for loaders' ``with_indices``)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i]
+        return x, y, i
 
 
 def make_loader(
