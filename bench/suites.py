@@ -50,6 +50,8 @@ class Pair:
     teacher_checkpoint: str | None = None
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
     reference: dict[str, float] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)  # student-recipe overrides (e.g. lr 0.01 for MobileNetV2)
+    exclude: list[str] = field(default_factory=list)  # method labels not run for this pair (shown as "—")
 
     @property
     def label(self) -> str:
@@ -174,14 +176,17 @@ def resolve_suite_path(name_or_path: str | Path) -> Path:
             raise BenchError(f"suite file {path} not found")
         return path
     candidate = SUITES_DIR / f"{name_or_path}.yaml"
-    if not candidate.exists():
-        known = ", ".join(sorted(p.stem for p in SUITES_DIR.glob("*.yaml")))
+    if not candidate.exists() or candidate.stem in NOT_SUITES:
+        known = ", ".join(list_suites())
         raise BenchError(f"unknown suite {str(name_or_path)!r} (known: {known})")
     return candidate
 
 
+NOT_SUITES = {"teachers"}  # suites/teachers.yaml is the manifest of published teachers, not a suite
+
+
 def list_suites() -> list[str]:
-    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml") if p.stem not in NOT_SUITES)
 
 
 def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
@@ -266,6 +271,9 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
             from methods import build_hparams
 
             build_hparams(entry.name, {**entry.hparams, **values}, f"{where}.pairs[{i}].hparams.{label}")
+        for label in pair.exclude:
+            if label not in labels:
+                raise BenchError(f"{where}.pairs[{i}].exclude: {label!r} is not a method label of this suite")
     fractions = [float(f) for f in _nonempty_list(raw, "fractions", where) if _is_number(f, f"{where}.fractions")]
     for f in fractions:
         if not 0 < f <= 1:
@@ -275,6 +283,8 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
         if isinstance(s, bool) or not isinstance(s, int):
             raise BenchError(f"{where}.seeds: {s!r} is not an integer")
     recipe = from_mapping(Recipe, raw.get("recipe"), f"{where}.recipe")
+    for i, pair in enumerate(pairs):
+        from_mapping(Recipe, pair.recipe, f"{where}.pairs[{i}].recipe", base=recipe)
     teacher = from_mapping(TeacherSettings, raw.get("teacher"), f"{where}.teacher")
     from_mapping(Recipe, teacher.recipe, f"{where}.teacher.recipe", base=recipe)
     target = raw.get("target_top1")
@@ -337,7 +347,10 @@ def expand(suite: Suite) -> list[RunSpec]:
 
     specs = []
     for pair in suite.pairs:
+        recipe = from_mapping(Recipe, pair.recipe, "recipe", base=suite.recipe)
         for entry in suite.methods:
+            if entry.label in pair.exclude:
+                continue
             cls = get_method(entry.name)
             values = {**entry.hparams, **pair.hparams.get(entry.label, {})}
             hparams = to_dict(build_hparams(entry.name, values, entry.label))
@@ -355,7 +368,7 @@ def expand(suite: Suite) -> list[RunSpec]:
                             hparams=hparams,
                             fraction=fraction,
                             seed=seed,
-                            recipe=suite.recipe,
+                            recipe=recipe,
                             teacher_spec=tspec,
                             target_top1=suite.target_top1,
                         )

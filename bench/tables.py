@@ -146,6 +146,8 @@ def markdown(frame: pd.DataFrame, suite: Suite) -> str:
         f"Protocol: {r.epochs} epochs, batch {r.batch_size}, SGD lr {r.lr} (×{r.gamma} at {list(r.milestones)}), "
         f"wd {r.weight_decay}, augment {r.augment}; seeds {suite.seeds}; fractions {suite.fractions} of the "
         f"training set (stratified, nested). Cells: mean ± std over seeds; (k/n) marks missing runs.",
+        "\n".join(f"- {p.label}: recipe {p.recipe}" + (f", not run: {', '.join(p.exclude)}" if p.exclude else "")
+                  for p in suite.pairs if p.recipe or p.exclude),
         "## Test top-1 (%), final epoch",
         pivot(frame, suite, "top1"),
         "## Test top-1 (%), best epoch (what most papers report; selected on the test set)",

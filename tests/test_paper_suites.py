@@ -19,9 +19,9 @@ from bench.suites import expand, list_suites, load_suite
 from methods import MethodContext, build_hparams, get_method
 
 MANIFEST = "teachers"  # suites/teachers.yaml is the published-teacher manifest, not a suite
-CRD_SUITES = ("cifar100-crd", "cifar100-crd-light")
-# (method, student) combinations a method refuses at construction with a BenchError (the runner records
-# such runs as failed with that message). Listed so that a change in either direction shows up here.
+CRD_SUITES = ("cifar100-crd",)
+# (method, student) combinations a method refuses at construction with a BenchError; the CRD suite
+# excludes exactly these (pairs[].exclude). Listed so that a change in either direction shows up here.
 UNSUPPORTED = {
     ("gpd", "shufflev1"): "grouped conv",  # ShuffleNetV1's grouped 1x1 convs (GPD widens groups=1 / depthwise only)
     ("gpd", "shufflev2"): "does not reproduce",  # ShuffleNetV2's channel split / shuffle (GPD's IR check)
@@ -45,8 +45,9 @@ def test_the_crd_suites_hold_the_13_pairs_of_the_crd_table_with_the_crd_recipes(
         assert (suite.recipe.epochs, suite.recipe.batch_size, suite.recipe.milestones) == (240, 64, [150, 180, 210])
         assert [m.label for m in suite.methods] == [
             "ce", "kd", "fitnet", "at", "dkd", "dist", "crd", "reviewkd", "srd", "stablekd", "gpd", "bdkd"]  # fmt: skip
+        lr = {(s.teacher, s.student): s.recipe.lr for s in expand(suite)}
         for pair in suite.pairs:
-            pairs[(pair.teacher, pair.student)] = (suite.recipe.lr, pair)
+            pairs[(pair.teacher, pair.student)] = (lr[pair.teacher, pair.student], pair)
     assert len(pairs) == 13
     light = {"mobilenetv2", "shufflev1", "shufflev2"}
     assert all(lr == (0.01 if student in light else 0.05) for (_, student), (lr, _) in pairs.items())
@@ -54,6 +55,19 @@ def test_the_crd_suites_hold_the_13_pairs_of_the_crd_table_with_the_crd_recipes(
     dkd_beta = {k: p.hparams["dkd"]["beta"] for k, (_, p) in pairs.items()}
     assert dkd_beta[("resnet56", "resnet20")] == 2.0 and dkd_beta[("vgg13", "vgg8")] == 6.0
     assert dkd_beta[("resnet32x4", "resnet8x4")] == 8.0
+
+
+def test_the_crd_suite_excludes_exactly_the_pairs_gpd_refuses(cifar_batch):
+    info, *_ = cifar_batch
+    suite = load_suite("cifar100-crd")
+    excluded = {(m, p.student) for p in suite.pairs for m in p.exclude}
+    assert excluded == set(UNSUPPORTED)
+    teacher = create_model("resnet32x4", info.num_classes, info.in_channels)
+    context = MethodContext(info, 100, suite.recipe.epochs)
+    for (method, student), message in UNSUPPORTED.items():
+        student_model = create_model(student, info.num_classes, info.in_channels)
+        with pytest.raises(BenchError, match=message):
+            get_method(method)(student_model, teacher, build_hparams(method, {}, method), context)
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +103,6 @@ def test_every_method_of_the_crd_suites_takes_a_training_step(cifar_batch, suite
         teacher = {"offline": frozen_teacher, "online": create_model(teacher_name, info.num_classes, info.in_channels)}
         student = create_model(student_name, info.num_classes, info.in_channels)
         hparams = build_hparams(spec.method, spec.hparams, spec.label)
-        if (spec.method, student_name) in UNSUPPORTED:
-            with pytest.raises(BenchError, match=UNSUPPORTED[spec.method, student_name]):
-                cls(student, teacher.get(cls.teacher_mode), hparams, context)
-            continue
         method = cls(student, teacher.get(cls.teacher_mode), hparams, context)
         method.train()
         method.on_epoch_start(0)
