@@ -1,4 +1,4 @@
-"""kdbench command line: ``python -m bench {run,validate,tables,list} ...`` (also ``kdbench``).
+"""kdbench command line: ``python -m bench {run,sweep,validate,tables,list} ...`` (also ``kdbench``).
 
 Exit codes: 0 every run finished, 1 some run failed (the others still finished and were recorded),
 2 bad input (one line on stderr, nothing started or written), 130 interrupted (re-run to resume).
@@ -15,17 +15,37 @@ from bench.errors import BenchError
 EPILOG = """examples:
   python -m bench run mini                      # the default suite on the embedded digits data
   python -m bench run cifar100-crd --data-root ~/data --download --device cuda
+  python -m bench run mini --executor local     # in this process, one run after another (debugging)
+  python -m bench run mini --cpus-per-run 2     # Ray Tune trials of 2 CPUs (torch threads) each
+  python -m bench sweep ablation-kd-temperature # hyperparameter search (Ray Tune), re-run the best on test
   python -m bench validate suites/*.yaml        # check suite files without running anything
   python -m bench tables mini                   # rebuild results/mini/{runs.csv,tables.md,convergence.png}
   python -m bench list methods                  # models | methods | datasets | suites
 
 environment: KDBENCH_DATA (data root), MLFLOW_TRACKING_URI (tracking store; default
-sqlite:///results/mlflow.db), CUDA_VISIBLE_DEVICES."""
+sqlite:///results/mlflow.db), RAY_ADDRESS (run on an existing Ray cluster), CUDA_VISIBLE_DEVICES."""
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", type=Path, default=Path("results"), help="output folder (default: results/)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite under --results)")
+
+
+def _add_execution(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", help="dataset folder (default: $KDBENCH_DATA); digits needs none")
+    p.add_argument("--download", action="store_true", help="download torchvision datasets into --data-root")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ... "
+                   "(Ray trials use the GPU Ray assigns them)")
+    p.add_argument("--teacher-dir", type=Path, help="folder of published teacher checkpoints "
+                   "(<arch>_vanilla/ckpt_epoch_240.pth, as mdistiller's cifar_teachers.tar)")  # fmt: skip
+    p.add_argument("--cpus-per-run", type=float, help="CPUs (= torch threads) per run (default: the suite's "
+                   "resources.cpus, 1)")  # fmt: skip
+    p.add_argument("--gpus-per-run", type=float, help="GPUs per Ray trial, fractions allowed (default: the "
+                   "suite's resources.gpus, else 1 where Ray sees GPUs)")  # fmt: skip
+    p.add_argument("--address", help="Ray cluster to run on, e.g. auto or head:6379, from a node of the cluster "
+                   "(default: $RAY_ADDRESS, else a fresh local Ray instance)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no per-epoch progress bars")
+    _add_common(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,14 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run a suite: train the teachers it needs once, run every (pair, method, "
                          "fraction, seed), resume interrupted runs, skip finished ones, write the tables.")  # fmt: skip
     run.add_argument("suite", help="suite name under suites/ (e.g. mini) or path to a YAML file")
-    run.add_argument("--data-root", help="dataset folder (default: $KDBENCH_DATA); digits needs none")
-    run.add_argument("--download", action="store_true", help="download torchvision datasets into --data-root")
-    run.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     run.add_argument("--rerun", action="store_true", help="run specs again even if a finished run exists")
-    run.add_argument("--teacher-dir", type=Path, help="folder of published teacher checkpoints "
-                     "(<arch>_vanilla/ckpt_epoch_240.pth, as mdistiller's cifar_teachers.tar)")
-    run.add_argument("--no-progress", action="store_true", help="no per-epoch progress bars")
-    _add_common(run)
+    run.add_argument("--executor", choices=["ray", "local"], default="ray",
+                     help="ray: one Ray Tune trial per run, side by side (default); local: one after another "
+                     "in this process")  # fmt: skip
+    _add_execution(run)
+
+    swp = sub.add_parser("sweep", help="hyperparameter search of a suite's `sweep:` section (Ray Tune)",
+                         description="Search the suite's `sweep:` space with Ray Tune, selecting on a validation "
+                         "split carved from the training set (never the test set); re-run the best config with "
+                         "the suite's seeds and report it on test. Writes results/<suite>/sweep.{csv,md,png}.",
+                         )  # fmt: skip
+    swp.add_argument("suite", help="suite name under suites/ or path to a YAML file with a `sweep:` section")
+    swp.add_argument("--rerun", action="store_true", help="run trials again even if a finished run exists")
+    _add_execution(swp)
 
     val = sub.add_parser("validate", help="check suite files; exit 2 with the first error")
     val.add_argument("suites", nargs="+", help="suite names or YAML paths")
@@ -62,16 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_options(args, executor: str):
+    from bench.runner import RunOptions
+
+    return RunOptions(
+        results_dir=args.results, data_root=args.data_root, download=args.download, device=args.device,
+        rerun=args.rerun, tracking_uri=args.tracking_uri, teacher_dir=args.teacher_dir,
+        progress=not args.no_progress and sys.stderr.isatty(), executor=executor, cpus_per_run=args.cpus_per_run,
+        gpus_per_run=args.gpus_per_run, address=args.address,
+    )  # fmt: skip
+
+
 def cmd_run(args) -> int:
-    from bench.runner import RunOptions, make_tracker, run_suite, suite_dir
+    from bench.runner import make_tracker, run_suite, suite_dir
     from bench.suites import load_suite
     from bench.tables import write_tables
 
     suite = load_suite(args.suite)
-    options = RunOptions(
-        results_dir=args.results, data_root=args.data_root, download=args.download, device=args.device,
-        rerun=args.rerun, tracking_uri=args.tracking_uri, teacher_dir=args.teacher_dir, progress=not args.no_progress and sys.stderr.isatty(),
-    )  # fmt: skip
+    options = run_options(args, executor=args.executor)
     report = run_suite(suite, options)
     out = suite_dir(options, suite)
     frame = write_tables(suite, make_tracker(suite, options), out)
@@ -81,12 +115,26 @@ def cmd_run(args) -> int:
     return report.exit_code
 
 
+def cmd_sweep(args) -> int:
+    from bench.suites import load_suite
+    from bench.sweep import run_sweep
+
+    suite = load_suite(args.suite)
+    report = run_sweep(suite, run_options(args, executor="ray"))
+    return report.exit_code
+
+
 def cmd_validate(args) -> int:
     from bench.suites import expand, load_suite
 
     for name in args.suites:
         suite = load_suite(name)
-        print(f"ok: {suite.path} ({len(expand(suite))} runs)")
+        sweep = ""
+        if suite.sweep is not None:
+            from bench.sweep import parse_sweep
+
+            sweep = f", sweep of {parse_sweep(suite).num_trials} trials"
+        print(f"ok: {suite.path} ({len(expand(suite))} runs{sweep})")
     return 0
 
 
@@ -119,7 +167,7 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "tables": cmd_tables, "list": cmd_list}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "tables": cmd_tables, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
+        print("interrupted: finished runs are kept; run the same command again to resume (interrupted runs "
+              "continue from their last epoch checkpoint in the same MLflow run)", file=sys.stderr)  # fmt: skip
         return 130
 
 

@@ -1,7 +1,13 @@
 """MLflow tracking: one MLflow experiment per suite, one MLflow run per run spec.
 
 The store defaults to ``sqlite:///results/mlflow.db`` (``MLFLOW_TRACKING_URI`` or ``--tracking-uri``
-override it). Each run carries the spec as params, per-epoch metrics (``step`` = epoch), tags (spec hash,
+override it). Several processes (Ray trials) write to it at once: a sqlite store is switched to WAL
+journaling (readers never block the writer), MLflow itself sets a 20 s busy timeout on each session, and
+``with_retry`` retries what still comes back "database is locked" (SQLite returns that at once, without
+waiting, when waiting could deadlock); ``tests/test_tracking.py`` proves no row is lost. A sqlite file on
+a network file system is not safe with several writers (no WAL over NFS): on a cluster use a tracking
+server (``MLFLOW_TRACKING_URI=http://head:5000``). Each run carries the spec as params, per-epoch
+metrics (``step`` = epoch), tags (spec hash,
 git commit, torch version, device, status, error) and the final student weights as an artifact. A run
 is found again by its spec hash, which is how finished work is skipped and interrupted work resumed in
 the same MLflow run.
@@ -11,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sqlite3
 import subprocess
 import time
 from dataclasses import dataclass
@@ -42,6 +49,23 @@ def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI, else None."""
+    return Path(tracking_uri[len("sqlite:///") :]) if tracking_uri.startswith("sqlite:///") else None
+
+
+def enable_wal(db: Path) -> None:
+    """Switch a sqlite database to write-ahead logging (persistent, stored in the file)."""
+
+    def switch() -> None:
+        with sqlite3.connect(db, timeout=30) as conn:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+        conn.close()
+
+    with_retry(switch)
+
+
 def with_retry(fn: Callable[[], T], attempts: int = 8, delay: float = 0.2) -> T:
     """Retry ``fn`` on transient store errors (e.g. sqlite "database is locked" with concurrent writers)."""
     for attempt in range(attempts):
@@ -69,8 +93,9 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri
-        if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite_path(tracking_uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         exp = with_retry(lambda: self.client.get_experiment_by_name(experiment))
         if exp is None:
@@ -82,6 +107,8 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
         self.experiment = experiment
+        if db is not None:  # the tables exist now
+            enable_wal(db)
 
     def runs_for(self, spec_hash: str) -> list[TrackedRun]:
         runs = with_retry(
@@ -89,19 +116,53 @@ class Tracker:
         )
         return [TrackedRun(r.info.run_id, r.info.status, r.data.tags) for r in runs]
 
+    def all_runs(self) -> list:
+        """Every MLflow run of the experiment (paged search)."""
+        runs, token = [], None
+        while True:
+            page = with_retry(
+                lambda: self.client.search_runs([self.experiment_id], max_results=10_000, page_token=token)
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def runs_by_hash(self) -> dict[str, list[TrackedRun]]:
+        """Every run of the experiment grouped by spec hash (one paged search instead of one per spec)."""
+        grouped: dict[str, list[TrackedRun]] = {}
+        for r in self.all_runs():
+            if "spec_hash" in r.data.tags:
+                run = TrackedRun(r.info.run_id, r.info.status, r.data.tags)
+                grouped.setdefault(r.data.tags["spec_hash"], []).append(run)
+        return grouped
+
     def is_finished(self, spec_hash: str) -> bool:
-        return any(r.status == FINISHED for r in self.runs_for(spec_hash))
+        return self.finished_run(spec_hash) is not None
+
+    def finished_run(self, spec_hash: str) -> str | None:
+        """The id of a finished run of this spec, if any."""
+        return next((r.run_id for r in self.runs_for(spec_hash) if r.status == FINISHED), None)
+
+    def final_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of every metric of a run."""
+        return dict(with_retry(lambda: self.client.get_run(run_id)).data.metrics)
 
     def start(
         self, run_name: str, spec_hash: str, params: dict[str, Any], tags: dict[str, str]
     ) -> tuple[str, bool]:
         """Reuse the unfinished run of this spec (resume: the curve continues) or create a new one.
 
-        Returns ``(run_id, resumed)``."""
+        Unfinished = RUNNING (its process was killed: the caller holds the spec's lock, see
+        ``bench.runner.spec_lock``, so no live process owns it), KILLED (interrupted) or FAILED. A stale
+        ``error`` tag of the earlier attempt is removed. Returns ``(run_id, resumed)``."""
         previous = [r for r in self.runs_for(spec_hash) if r.status != FINISHED]
         if previous:
-            run_id = previous[0].run_id
+            run = previous[0]
+            run_id = run.run_id
             with_retry(lambda: self.client.update_run(run_id, status=RUNNING))
+            if "error" in run.tags:
+                with_retry(lambda: self.client.delete_tag(run_id, "error"))
             self.set_tags(run_id, {**tags, "resumed": "true", "status": "running"})
             return run_id, True
         base_tags = {
@@ -144,11 +205,27 @@ class Tracker:
         with_retry(lambda: self.client.set_terminated(run_id, status=status))
 
     def search(self):
-        """All runs of the experiment as a pandas DataFrame (``mlflow.search_runs``)."""
-        import mlflow
+        """All runs of the experiment as a pandas DataFrame with ``mlflow.search_runs``' columns (run_id,
+        status, start_time, ``metrics.*``, ``params.*``, ``tags.*``). Built from our client rather than
+        the fluent API, whose ``set_tracking_uri`` would also set ``$MLFLOW_TRACKING_URI`` for the whole
+        process (and so redirect every later tracker and subprocess to this store)."""
+        import pandas as pd
 
-        mlflow.set_tracking_uri(self.uri)
-        return with_retry(lambda: mlflow.search_runs(experiment_ids=[self.experiment_id], max_results=100_000))
+        rows = []
+        for r in self.all_runs():
+            row = {
+                "run_id": r.info.run_id,
+                "experiment_id": r.info.experiment_id,
+                "status": r.info.status,
+                "artifact_uri": r.info.artifact_uri,
+                "start_time": pd.to_datetime(r.info.start_time, unit="ms", utc=True),
+                "end_time": pd.to_datetime(r.info.end_time, unit="ms", utc=True) if r.info.end_time else pd.NaT,
+            }
+            row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
+            row.update({f"params.{k}": v for k, v in r.data.params.items()})
+            row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
+            rows.append(row)
+        return pd.DataFrame(rows)
 
     def metric_history(self, run_id: str, key: str) -> list[float]:
         """Per-epoch values of ``key``, one per step (the last logged value wins after a resume)."""

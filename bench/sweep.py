@@ -1,0 +1,616 @@
+"""Hyperparameter sweeps: ``python -m bench sweep SUITE`` searches the suite's ``sweep:`` space with Ray
+Tune, selects on a validation split carved from the training set (never the test set), re-runs the chosen
+config (and the suite's own config of that method, for comparison) with the suite's seeds on the full
+training set, and reports both on test.
+
+The ``sweep:`` section of a suite (``suites/ablation-kd-temperature.yaml``)::
+
+    sweep:
+      method: kd                 # label of the suite method searched (default: the only method that is not ce)
+      space:                     # method hyperparameters by name; recipe fields as recipe.<field>
+        temperature: {grid: [1, 2, 4, 8]}
+        ce_weight,kd_weight: {grid: [[0.5, 0.5], [0.1, 0.9], [0.0, 1.0]]}   # tied: values move together
+        recipe.lr: {loguniform: [0.01, 0.2]}                                  # also: uniform, choice
+      num_samples: 1             # draws of the random dimensions; the grid is crossed with them
+      seeds: [0]                 # seeds of the search trials (default: the suite's first seed)
+      metric: val_top1           # a metric of the validation split: val_top1, val_nll, val_ece, ...
+      mode: max
+      val_fraction: 0.2          # held out of the training set, stratified, seeded by the trial's seed
+      pair: 0                    # index into the suite's pairs
+      fraction: 1.0              # data fraction (default: the suite's largest)
+      asha: {grace_period: 2, reduction_factor: 2}   # optional: ASHA early stopping on `metric` per epoch
+      max_concurrent: null       # cap on trials at once (default: as many as the resources allow)
+
+Outputs ``results/<suite>/sweep.csv`` (every trial: its config, status, epochs, validation metrics, MLflow
+run), ``sweep.md`` (space, best config, a sensitivity table per hyperparameter, the test results) and
+``sweep.png`` (the metric against each swept value). Search trials are MLflow runs of the experiment
+``<suite>-sweep``; the final runs go to the suite's own experiment, so a final run of the suite's default
+config is the very run ``python -m bench run SUITE`` makes (skipped when finished). A trial's teacher is
+the suite's teacher of that pair (trained on the whole training set; the student never sees the
+validation images, so the selection stays clean).
+"""
+from __future__ import annotations
+
+import math
+import time
+import typing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bench.config import from_mapping, to_dict
+from bench.engine import Recipe, pick_device
+from bench.errors import BenchError
+from bench.suites import RunSpec, Suite, expand
+from bench.tracking import FINISHED
+
+KINDS = ("grid", "choice", "uniform", "loguniform")
+FIXED_RECIPE = ("epochs", "val_fraction")  # the scheduler's time axis and the selection split
+
+
+@dataclass
+class AshaSettings:
+    """ASHA (Li et al. 2020, "A System for Massively Parallel Hyperparameter Tuning"): trials are
+    compared at epochs grace_period·reduction_factor^k; all but the top 1/reduction_factor stop."""
+
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+    def validate(self, where: str) -> None:
+        if self.grace_period < 1:
+            raise BenchError(f"{where}.grace_period: must be >= 1, got {self.grace_period}")
+        if self.reduction_factor <= 1:
+            raise BenchError(f"{where}.reduction_factor: must be > 1, got {self.reduction_factor}")
+
+
+@dataclass
+class SweepSettings:
+    """The ``sweep:`` section as written (see the module docstring)."""
+
+    space: dict[str, Any]
+    method: str | None = None
+    num_samples: int = 1
+    seeds: list[int] | None = None
+    metric: str = "val_top1"
+    mode: Literal["max", "min"] = "max"
+    val_fraction: float = 0.2
+    pair: int = 0
+    fraction: float | None = None
+    asha: AshaSettings | None = None
+    max_concurrent: int | None = None
+    search_seed: int = 0  # seeds Tune's sampling of the random dimensions
+
+
+@dataclass
+class Dimension:
+    """One axis of the search space: one hyperparameter, or several tied ones moving together."""
+
+    names: tuple[str, ...]
+    kind: str
+    values: list[Any]  # grid / choice: the options (tuples when tied); uniform / loguniform: [low, high]
+    integer: bool = False
+
+    @property
+    def label(self) -> str:
+        return ",".join(self.names)
+
+    @property
+    def continuous(self) -> bool:
+        return self.kind in ("uniform", "loguniform")
+
+    def domain(self):
+        from ray import tune
+
+        if self.kind == "grid":
+            return tune.grid_search([list(v) if len(self.names) > 1 else v for v in self.values])
+        if self.kind == "choice":
+            return tune.choice([list(v) if len(self.names) > 1 else v for v in self.values])
+        low, high = self.values
+        if self.integer:
+            return (tune.randint if self.kind == "uniform" else tune.lograndint)(int(low), int(high) + 1)
+        return (tune.uniform if self.kind == "uniform" else tune.loguniform)(low, high)
+
+    def assign(self, value: Any) -> dict[str, Any]:
+        """Tune's value for this axis → {name: value}."""
+        values = list(value) if len(self.names) > 1 else [value]
+        return {n: int(v) if self.integer else v for n, v in zip(self.names, values)}
+
+
+@dataclass
+class Sweep:
+    settings: SweepSettings
+    dims: list[Dimension]
+    base: RunSpec  # the suite's spec of the swept method on the chosen pair / fraction (first sweep seed)
+    seeds: list[int]
+    where: str
+
+    @property
+    def param_space(self) -> dict[str, Any]:
+        from ray import tune
+
+        space = {"seed": tune.grid_search(list(self.seeds))}
+        space.update({f"p{i}": dim.domain() for i, dim in enumerate(self.dims)})
+        return space
+
+    @property
+    def num_trials(self) -> int:
+        grid = math.prod(len(d.values) for d in self.dims if d.kind == "grid")
+        return grid * len(self.seeds) * self.settings.num_samples
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(fmt(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def apply(base: RunSpec, values: dict[str, Any], where: str, seed: int | None = None,
+          val_fraction: float | None = None, label: str | None = None) -> RunSpec:  # fmt: skip
+    """``base`` with hyperparameters ``values`` (method ones by name, ``recipe.<field>``), validated."""
+    from methods import build_hparams
+
+    hparams = {k: v for k, v in values.items() if not k.startswith("recipe.")}
+    recipe = {k.removeprefix("recipe."): v for k, v in values.items() if k.startswith("recipe.")}
+    if val_fraction is not None:
+        recipe["val_fraction"] = val_fraction
+    built = to_dict(build_hparams(base.method, {**base.hparams, **hparams}, where))
+    return replace(
+        base,
+        hparams=built,
+        recipe=from_mapping(Recipe, recipe, where, base=base.recipe),
+        seed=base.seed if seed is None else seed,
+        label=label or base.label,
+    )
+
+
+def trial_label(base_label: str, values: dict[str, Any]) -> str:
+    return f"{base_label}[" + ",".join(f"{k.removeprefix('recipe.')}={fmt(v)}" for k, v in values.items()) + "]"
+
+
+@dataclass
+class SweepResolver:
+    """Tune config ``{"seed": s, "p0": ..., ...}`` → the trial's RunSpec."""
+
+    sweep: Sweep
+
+    def values(self, config: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for i, dim in enumerate(self.sweep.dims):
+            out.update(dim.assign(config[f"p{i}"]))
+        return out
+
+    def __call__(self, config: dict[str, Any]) -> RunSpec:
+        values = self.values(config)
+        sw = self.sweep
+        return apply(sw.base, values, f"{sw.where}.sweep", seed=config["seed"], val_fraction=sw.settings.val_fraction,
+                     label=trial_label(sw.base.label, values))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------
+def _target_type(name: str, method: str, where: str) -> Any:
+    """The annotated type of a method hyperparameter or ``recipe.<field>`` (BenchError if unknown)."""
+    from methods import get_method
+
+    if name.startswith("recipe."):
+        field_name, owner, hints = name.removeprefix("recipe."), "recipe", typing.get_type_hints(Recipe)
+        if field_name in FIXED_RECIPE:
+            raise BenchError(f"{where}: recipe.{field_name} cannot be swept (it is fixed by the sweep)")
+    else:
+        field_name, owner, hints = name, f"method {method!r}", typing.get_type_hints(get_method(method).Hparams)
+    if field_name not in hints:
+        known = ", ".join(sorted(hints)) or "none"
+        raise BenchError(f"{where}: {owner} has no hyperparameter {field_name!r} (known: {known})")
+    return hints[field_name]
+
+
+def _dimension(key: str, raw: Any, base: RunSpec, where: str) -> Dimension:
+    names = tuple(n.strip() for n in str(key).split(","))
+    if len(set(names)) != len(names) or not all(names):
+        raise BenchError(f"{where}: a tied key lists distinct, non-empty names separated by commas")
+    types = [_target_type(n, base.method, where) for n in names]
+    if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in KINDS:
+        raise BenchError(f"{where}: expected one of {{grid: [...]}}, {{choice: [...]}}, {{uniform: [low, high]}}, "
+                         f"{{loguniform: [low, high]}}, got {raw!r}")  # fmt: skip
+    ((kind, values),) = raw.items()
+    where = f"{where}.{kind}"
+    if not isinstance(values, list) or not values:
+        raise BenchError(f"{where}: expected a non-empty list")
+    if kind in ("grid", "choice"):
+        options = []
+        for i, value in enumerate(values):
+            if len(names) > 1:
+                if not isinstance(value, list) or len(value) != len(names):
+                    raise BenchError(f"{where}[{i}]: expected a list of {len(names)} values ({', '.join(names)})")
+                value = tuple(value)
+            options.append(value)
+            apply(base, dict(zip(names, value if len(names) > 1 else [value])), f"{where}[{i}]")
+        if len(set(map(repr, options))) != len(options):
+            raise BenchError(f"{where}: values repeat")
+        return Dimension(names, kind, options)
+    if len(names) > 1:
+        raise BenchError(f"{where}: tied hyperparameters take grid or choice values")
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise BenchError(f"{where}: expected [low, high], got {values!r}")
+    low, high = values
+    if not low < high:
+        raise BenchError(f"{where}: low must be < high, got {values!r}")
+    if kind == "loguniform" and low <= 0:
+        raise BenchError(f"{where}: low must be > 0 on a log scale, got {low}")
+    integer = types[0] is int
+    if not integer and types[0] not in (float, float | None):
+        raise BenchError(f"{where}: {names[0]} is not numeric; use grid or choice")
+    for bound in values:
+        apply(base, {names[0]: int(bound) if integer else float(bound)}, where)
+    return Dimension(names, kind, [low, high], integer)
+
+
+def parse_sweep(suite: Suite) -> Sweep:
+    """Validate the suite's ``sweep:`` section; every mistake is a one-line BenchError naming the field."""
+    where = f"{suite.path or suite.name}: sweep"
+    if suite.sweep is None:
+        raise BenchError(f"{suite.path or suite.name}: no `sweep:` section (see suites/ablation-kd-temperature.yaml)")
+    settings = from_mapping(SweepSettings, suite.sweep, where)
+    labels = [m.label for m in suite.methods]
+    if settings.method is None:
+        candidates = [m.label for m in suite.methods if m.name != "ce"]
+        if len(candidates) != 1:
+            raise BenchError(f"{where}.method: required, one of {', '.join(labels)}")
+        settings.method = candidates[0]
+    if settings.method not in labels:
+        raise BenchError(
+            f"{where}.method: {settings.method!r} is not a method label of this suite ({', '.join(labels)})"
+        )
+    if not 0 <= settings.pair < len(suite.pairs):
+        raise BenchError(f"{where}.pair: must index the suite's {len(suite.pairs)} pair(s), got {settings.pair}")
+    fraction = max(suite.fractions) if settings.fraction is None else settings.fraction
+    if fraction not in suite.fractions:
+        raise BenchError(f"{where}.fraction: {fraction} is not one of the suite's fractions {suite.fractions}")
+    seeds = settings.seeds or [suite.seeds[0]]
+    if len(set(seeds)) != len(seeds):
+        raise BenchError(f"{where}.seeds: seeds repeat")
+    if settings.num_samples < 1:
+        raise BenchError(f"{where}.num_samples: must be >= 1, got {settings.num_samples}")
+    if not settings.metric.startswith("val_"):
+        raise BenchError(f"{where}.metric: must be a metric of the validation split (val_top1, val_nll, val_ece, ...),"
+                         f" got {settings.metric!r}: the test split is never used for selection")  # fmt: skip
+    if not 0 < settings.val_fraction < 1:
+        raise BenchError(f"{where}.val_fraction: must be in (0, 1), got {settings.val_fraction}")
+    if settings.max_concurrent is not None and settings.max_concurrent < 1:
+        raise BenchError(f"{where}.max_concurrent: must be >= 1, got {settings.max_concurrent}")
+    pair = suite.pairs[settings.pair]
+    base = next(
+        s for s in expand(suite)
+        if (s.teacher, s.student, s.label, s.fraction, s.seed) == (pair.teacher, pair.student, settings.method,
+                                                                   fraction, suite.seeds[0])
+    )  # fmt: skip
+    if settings.asha is not None and settings.asha.grace_period > base.recipe.epochs:
+        raise BenchError(f"{where}.asha.grace_period: must be <= the recipe's {base.recipe.epochs} epochs")
+    if not isinstance(settings.space, dict) or not settings.space:
+        raise BenchError(f"{where}.space: must be a non-empty mapping of hyperparameter → values")
+    dims = [_dimension(key, raw, base, f"{where}.space.{key}") for key, raw in settings.space.items()]
+    names = [n for d in dims for n in d.names]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise BenchError(f"{where}.space: {dupes[0]!r} appears in two entries")
+    return Sweep(settings, dims, base, list(seeds), str(suite.path or suite.name))
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class SweepReport:
+    trials: pd.DataFrame
+    best: dict[str, Any] | None
+    final: pd.DataFrame
+    failed: int = 0
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed or self.best is None else 0
+
+
+def run_sweep(suite: Suite, options, log=print) -> SweepReport:
+    """Search, select on validation, re-run the best and the suite's config with the suite's seeds."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from bench.runner import (
+        Progress,
+        TrialContext,
+        _threads,
+        absolute_options,
+        check_inputs,
+        live_output,
+        make_tracker,
+        prepare_teachers,
+        ray_session,
+        run_ray,
+        suite_dir,
+        trial_resources,
+        tune_jobs,
+    )
+
+    sweep = parse_sweep(suite)
+    settings = sweep.settings
+    splits = check_inputs(suite, options)
+    device = pick_device(options.device)
+    tracker = make_tracker(suite, options, experiment=f"{suite.name}-sweep")
+    main_tracker = make_tracker(suite, options)
+    out = suite_dir(options, suite)
+    log(f"sweep {suite.name}: {sweep.num_trials} trials of {settings.method} on {sweep.base.teacher}→"
+        f"{sweep.base.student}, fraction {sweep.base.fraction:g}, selecting on {settings.metric} ({settings.mode}) "
+        f"of a {settings.val_fraction:g} validation split")  # fmt: skip
+    if sweep.base.teacher_spec is not None:  # the one teacher, before Ray starts (cached by its hash)
+        before = torch.get_num_threads()
+        torch.set_num_threads(_threads(options.cpus_per_run or suite.resources.cpus))
+        try:
+            _, errors = prepare_teachers([sweep.base], splits, options, device, log)
+        finally:
+            torch.set_num_threads(before)
+        if errors:
+            raise BenchError(next(iter(errors.values())))
+    t0 = time.perf_counter()
+    with ray_session(options.address):
+        resources = trial_resources(suite, options)
+        opts = absolute_options(options, tracker)
+        ctx = TrialContext(
+            SweepResolver(sweep), tracker.experiment, suite.dataset, opts, suite_dir(opts, suite) / "runs",
+            _threads(resources["cpu"]), resources["gpu"], metric=settings.metric,
+        )  # fmt: skip
+        scheduler = None
+        if settings.asha is not None:
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=sweep.base.recipe.epochs,
+                                      grace_period=settings.asha.grace_period,
+                                      reduction_factor=settings.asha.reduction_factor,
+                                      stop_last_trials=False)  # a trial at its last epoch finishes its run  # fmt: skip
+        progress = Progress(f"{suite.name} sweep", [], 0, log, live_output(options), unknown=sweep.num_trials,
+                            unknown_epochs=sweep.base.recipe.epochs)  # fmt: skip
+        outcomes = tune_jobs(
+            "sweep", ctx, sweep.param_space, resources, suite_dir(opts, suite) / "ray", progress, tracker,
+            metric=settings.metric, mode=settings.mode, scheduler=scheduler, num_samples=settings.num_samples,
+            search_alg=BasicVariantGenerator(random_state=settings.search_seed),
+            max_concurrent_trials=settings.max_concurrent,
+        )  # fmt: skip
+        progress.close()
+        trials = trial_frame(sweep, outcomes.values(), tracker)
+        log(f"search: {len(trials)} trials in {time.perf_counter() - t0:.0f} s "
+            f"({(trials.status == 'finished').sum()} finished, {(trials.status == 'stopped').sum()} stopped early, "
+            f"{(trials.status == 'failed').sum()} failed)")  # fmt: skip
+        best = select_best(sweep, trials)
+        final_specs: list[RunSpec] = []
+        if best is not None:
+            final_specs = final_runs(suite, sweep, best["values"])
+            pending = [s for s in final_specs if options.rerun or not main_tracker.is_finished(s.hash)]
+            log(f"best: {trial_label(settings.method, best['values'])} with {settings.metric} {best['mean']:.2f} "
+                f"(over {best['n']} trial(s)); on test with seeds {suite.seeds}, next to the suite's own "
+                f"{settings.method}: {len(pending)} of {len(final_specs)} runs to do")  # fmt: skip
+            if pending:
+                live_progress = Progress(f"{suite.name} final", pending, len(final_specs) - len(pending), log,
+                                         live_output(options))  # fmt: skip
+                run_ray(suite, pending, splits, options, main_tracker, live_progress, log)
+                live_progress.close()
+    final = final_frame(final_specs, main_tracker)
+    failed = int((trials.status == "failed").sum()) + int((final.status != "finished").sum())
+    report = SweepReport(trials, best, final, failed)
+    report.files = write_outputs(suite, sweep, report, out)
+    log(f"wrote {', '.join(str(p) for p in report.files)}")
+    return report
+
+
+def final_runs(suite: Suite, sweep: Sweep, values: dict[str, Any]) -> list[RunSpec]:
+    """The chosen config and the suite's own config of the method, each with every suite seed, on the
+    full training set (the suite's recipe: no validation split unless the suite has one)."""
+    own = [s for s in expand(suite) if (s.teacher, s.student, s.label, s.fraction)
+           == (sweep.base.teacher, sweep.base.student, sweep.base.label, sweep.base.fraction)]  # fmt: skip
+    tuned = [apply(s, values, f"{sweep.where}.sweep", label=f"{sweep.base.label} (tuned)") for s in own]
+    if [s.hash for s in tuned] == [s.hash for s in own]:  # the search picked the suite's own config
+        return [replace(s, label=f"{sweep.base.label} (tuned = the suite's)") for s in own]
+    seen: dict[str, RunSpec] = {}
+    for spec in [*tuned, *own]:
+        seen.setdefault(spec.hash, spec)  # the tuned config may be the suite's own
+    return list(seen.values())
+
+
+def trial_frame(sweep: Sweep, outcomes, tracker) -> pd.DataFrame:
+    """One row per search trial: seed, swept values, status, epochs, validation metrics, MLflow run.
+    MLflow is the truth for the status (a trial stopped while replaying a finished run is finished)."""
+    resolver = SweepResolver(sweep)
+    rows = []
+    for outcome in outcomes:
+        if not outcome.config:
+            continue
+        values = resolver.values(outcome.config)
+        status, metrics = outcome.status, outcome.metrics
+        done = tracker.finished_run(outcome.key) if status != FINISHED else outcome.run_id
+        if done is not None and status != FINISHED:
+            status, metrics = FINISHED, {**metrics, **tracker.final_metrics(done)}
+        row: dict[str, Any] = {"seed": outcome.config["seed"]}
+        row.update({d.label: values[d.names[0]] if len(d.names) == 1 else fmt([values[n] for n in d.names])
+                    for d in sweep.dims})  # fmt: skip
+        row.update({"status": {"SKIPPED": "finished"}.get(status, status.lower()), "epochs": metrics.get("epoch")})
+        row.update({k: v for k, v in sorted(metrics.items()) if k.startswith("val_")})
+        run_id = outcome.run_id or done or next((r.run_id for r in tracker.runs_for(outcome.key)), "")
+        row.update({"spec_hash": outcome.key, "run_id": run_id, "error": outcome.error})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=["seed", *[d.label for d in sweep.dims], "status", "epochs", sweep.settings.metric])
+    return frame.sort_values(["seed", *[d.label for d in sweep.dims]], kind="stable").reset_index(drop=True)
+
+
+def select_best(sweep: Sweep, trials: pd.DataFrame) -> dict[str, Any] | None:
+    """The config with the best mean ``metric`` over its finished trials (seeds); None if none finished."""
+    metric, labels = sweep.settings.metric, [d.label for d in sweep.dims]
+    done = trials[(trials.status == "finished")]
+    if done.empty or metric not in done or done[metric].isna().all():
+        return None
+    grouped = done.groupby(labels, dropna=False, sort=False)[metric].agg(["mean", "count"]).reset_index()
+    row = grouped.loc[grouped["mean"].idxmax() if sweep.settings.mode == "max" else grouped["mean"].idxmin()]
+    values: dict[str, Any] = {}
+    for dim in sweep.dims:
+        value = row[dim.label]
+        if len(dim.names) > 1:
+            value = next(v for v in dim.values if fmt(list(v)) == value)
+        values.update(dim.assign(value.item() if hasattr(value, "item") else value))
+    return {"values": values, "mean": float(row["mean"]), "n": int(row["count"])}
+
+
+def final_frame(specs: list[RunSpec], tracker) -> pd.DataFrame:
+    rows = []
+    for spec in specs:
+        runs = tracker.runs_for(spec.hash)
+        done = next((r for r in runs if r.status == FINISHED), None)
+        metrics = tracker.final_metrics(done.run_id) if done else {}
+        rows.append({"config": spec.label, "seed": spec.seed, "status": "finished" if done else
+                     (runs[0].status.lower() if runs else "missing"), **{k: metrics.get(k) for k in
+                     ("top1", "best_top1", "ece", "nll")}, "spec_hash": spec.hash,
+                     "run_id": done.run_id if done else ""})  # fmt: skip
+    return pd.DataFrame(rows, columns=["config", "seed", "status", "top1", "best_top1", "ece", "nll", "spec_hash",
+                                       "run_id"])  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+def _mean_std(values: pd.Series) -> str:
+    values = values.dropna().astype(float)
+    if values.empty:
+        return "—"
+    return f"{values.mean():.2f}" + (f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else "")
+
+
+def _bins(dim: Dimension, values: pd.Series) -> pd.Series:
+    """Grid / choice values as they are; sampled ones in up to four quantile bins."""
+    if not dim.continuous:
+        return values.map(fmt)
+    edges = np.unique(np.quantile(values.astype(float), np.linspace(0, 1, 5)))
+    if len(edges) < 2:
+        return values.map(fmt)
+    index = np.clip(np.searchsorted(edges, values.astype(float), side="right") - 1, 0, len(edges) - 2)
+    return pd.Series([f"[{fmt(edges[i])}, {fmt(edges[i + 1])}]" for i in index], index=values.index)
+
+
+def sensitivity(sweep: Sweep, trials: pd.DataFrame, dim: Dimension) -> str:
+    """Metric by value of one hyperparameter, over the finished trials (all other values pooled)."""
+    metric = sweep.settings.metric
+    done = trials[trials.status == "finished"]
+    lines = [f"| {dim.label} | trials | {metric} mean ± std | best | stopped / failed |", "|---|---|---|---|---|"]
+    if done.empty:
+        return "\n".join(lines)
+    keys = _bins(dim, trials[dim.label])
+    order = [fmt(v if len(dim.names) == 1 else list(v)) for v in dim.values] if not dim.continuous else sorted(
+        set(keys), key=lambda k: float(k.strip("[").split(",")[0]))  # fmt: skip
+    best = max if sweep.settings.mode == "max" else min
+    for key in order:
+        sel = done[keys.loc[done.index] == key]
+        other = trials[(keys == key) & (trials.status != "finished")]
+        cell = f"{best(sel[metric]):.2f}" if len(sel) else "—"
+        lines.append(f"| {key} | {len(sel)} | {_mean_std(sel[metric])} | {cell} | "
+                     f"{(other.status == 'stopped').sum()} / {(other.status == 'failed').sum()} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(sweep: Sweep, trials: pd.DataFrame, path: Path) -> None:
+    """The metric against each swept value: one panel per hyperparameter, a dot per trial."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = sweep.settings.metric
+    fig, axes = plt.subplots(1, len(sweep.dims), figsize=(4.2 * len(sweep.dims), 3.4), squeeze=False)
+    for ax, dim in zip(axes.flat, sweep.dims):
+        styles = (("finished", dict(marker="o", alpha=0.8)), ("stopped", dict(marker="x", alpha=0.6)))
+        for status, style in styles:  # a stopped trial's value is that of the epoch it was stopped at
+            sel = trials[(trials.status == status) & trials[metric].notna()] if metric in trials else trials[:0]
+            if sel.empty:
+                continue
+            if dim.continuous:
+                x = sel[dim.label].astype(float)
+            else:
+                positions = {fmt(v if len(dim.names) == 1 else list(v)): i for i, v in enumerate(dim.values)}
+                x = sel[dim.label].map(lambda v: positions[fmt(v)])
+            ax.scatter(x, sel[metric], label=f"{status} ({len(sel)})", **style)
+        done = trials[(trials.status == "finished")] if metric in trials else trials[:0]
+        if not dim.continuous and len(done):
+            keys = done[dim.label].map(fmt)
+            means = [done[keys == fmt(v if len(dim.names) == 1 else list(v))][metric].mean() for v in dim.values]
+            ax.plot(range(len(dim.values)), means, color="black", lw=1, label="mean")
+            ax.set_xticks(range(len(dim.values)), [fmt(v if len(dim.names) == 1 else list(v)) for v in dim.values])
+        if dim.kind == "loguniform":
+            ax.set_xscale("log")
+        ax.set_xlabel(dim.label)
+        ax.set_ylabel(f"{metric} ({'higher' if sweep.settings.mode == 'max' else 'lower'} is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(suite: Suite, sweep: Sweep, report: SweepReport) -> str:
+    st, base, trials = sweep.settings, sweep.base, report.trials
+    metric = st.metric
+    counts = {s: int((trials.status == s).sum()) for s in ("finished", "stopped", "failed")}
+    scheduler = (f"ASHA (grace period {st.asha.grace_period} epochs, reduction factor {st.asha.reduction_factor:g})"
+                 if st.asha else "none (every trial trains all epochs)")  # fmt: skip
+    parts = [
+        f"# Sweep `{suite.name}` — `{st.method}` on {base.teacher}→{base.student}, {suite.dataset}, "
+        f"{base.fraction:.0%} of the training set",
+        f"Selection: `{metric}` ({st.mode}) at the final epoch, on a validation split of {st.val_fraction:g} of the "
+        f"training set (stratified, seeded by the trial's seed) that the trials do not train on; the test split is "
+        f"never used to select. Recipe: {base.recipe.epochs} epochs, batch {base.recipe.batch_size}, lr "
+        f"{base.recipe.lr}. Search seeds {sweep.seeds}, {st.num_samples} sample(s), scheduler: {scheduler}. "
+        f"Trials: {len(trials)} ({counts['finished']} finished, {counts['stopped']} stopped early, "
+        f"{counts['failed']} failed).",
+        "## Search space",
+        "| hyperparameter | kind | values |\n|---|---|---|\n" + "\n".join(
+            f"| {d.label} | {d.kind} | {', '.join(fmt(v) for v in d.values)} |" for d in sweep.dims),
+    ]  # fmt: skip
+    if report.best is None:
+        parts.append("## Best config\n\nNo trial finished: nothing to select.")
+    else:
+        best = report.best
+        parts += [
+            "## Best config",
+            f"`{trial_label(st.method, best['values'])}`: {metric} {best['mean']:.2f} (mean of {best['n']} trial(s)).",
+        ]
+    for dim in sweep.dims:
+        parts += [f"## Sensitivity: {metric} by {dim.label}", sensitivity(sweep, trials, dim)]
+    if len(report.final):
+        lines = ["| config | seeds | test top-1 (final) | test top-1 (best epoch) | ECE | NLL |", "|" + "---|" * 6]
+        for config, sel in report.final.groupby("config", sort=False):
+            done = sel[sel.status == "finished"]
+            lines.append(f"| {config} | {len(done)}/{len(sel)} | {_mean_std(done.top1)} | {_mean_std(done.best_top1)} "
+                         f"| {_mean_std(done.ece)} | {_mean_std(done.nll)} |")  # fmt: skip
+        parts += [
+            f"## On test: the best config and the suite's own `{st.method}`, seeds {suite.seeds}",
+            f"Both re-run with the suite's recipe ({base.fraction:.0%} of the training set, no validation split held "
+            f"out); final epoch, mean ± std over seeds.",
+            "\n".join(lines),
+        ]
+    failed = trials[trials.status == "failed"]
+    if len(failed):
+        listed = "\n".join(f"- `{r.spec_hash}` seed {r.seed}: {r.error}" for r in failed.itertuples())
+        parts += ["## Failed trials", listed]
+    parts.append("![metric against each swept value](sweep.png)")
+    return "\n\n".join(parts) + "\n"
+
+
+def write_outputs(suite: Suite, sweep: Sweep, report: SweepReport, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "sweep.csv", out / "sweep.md", out / "sweep.png"]
+    report.trials.to_csv(paths[0], index=False)
+    paths[1].write_text(markdown(suite, sweep, report))
+    plot(sweep, report.trials, paths[2])
+    return paths
