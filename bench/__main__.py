@@ -18,7 +18,7 @@ EPILOG = """examples:
   python -m bench run mini --executor local     # in this process, one run after another (debugging)
   python -m bench run mini --cpus-per-run 2     # Ray Tune trials of 2 CPUs (torch threads) each
   python -m bench sweep ablation-kd-temperature # hyperparameter search (Ray Tune), re-run the best on test
-  python -m bench validate suites/*.yaml        # check suite files without running anything
+  python -m bench validate                      # check every shipped suite (or name some) without running
   python -m bench tables mini                   # rebuild results/mini/{runs.csv,tables.md,convergence.png}
   python -m bench list methods                  # models | methods | datasets | suites
 
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_execution(swp)
 
     val = sub.add_parser("validate", help="check suite files; exit 2 with the first error")
-    val.add_argument("suites", nargs="+", help="suite names or YAML paths")
+    val.add_argument("suites", nargs="*", help="suite names or YAML paths (default: every suite under suites/)")
 
     tab = sub.add_parser("tables", help="rebuild runs.csv, tables.md and convergence.png from MLflow")
     tab.add_argument("suite")
@@ -125,9 +125,9 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from bench.suites import expand, load_suite
+    from bench.suites import expand, list_suites, load_suite
 
-    for name in args.suites:
+    for name in args.suites or list_suites():
         suite = load_suite(name)
         sweep = ""
         if suite.sweep is not None:

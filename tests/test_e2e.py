@@ -34,7 +34,7 @@ def finished_suite(tmp_path_factory):
     suite = tmp / "tiny.yaml"
     suite.write_text(yaml.safe_dump(TINY))
     results = tmp / "results"
-    proc = bench("run", str(suite), "--results", str(results))
+    proc = bench("run", str(suite), "--results", str(results), "--executor", "local")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return suite, results, proc
 
@@ -70,7 +70,7 @@ def test_every_run_is_in_mlflow_with_params_tags_and_curves(finished_suite):
 def test_second_run_skips_finished_work_and_keeps_the_table(finished_suite):
     suite, results, _ = finished_suite
     before = pd.read_csv(results / "tiny" / "runs.csv")
-    proc = bench("run", str(suite), "--results", str(results))
+    proc = bench("run", str(suite), "--results", str(results), "--executor", "local")
     assert proc.returncode == 0 and "4 already finished, 0 to run" in proc.stdout
     after = pd.read_csv(results / "tiny" / "runs.csv")
     pd.testing.assert_frame_equal(before, after)
