@@ -45,7 +45,19 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster to run on, e.g. auto or head:6379, from a node of the cluster "
                    "(default: $RAY_ADDRESS, else a fresh local Ray instance)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no per-epoch progress bars")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (recipe.amp: a different run, never a "
+                   "reference run)")  # fmt: skip
+    p.add_argument("--channels-last", action="store_true", help="NHWC models and batches (recipe.channels_last)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each method's forward_train (recipe.compile)")
     _add_common(p)
+
+
+def with_speed_flags(suite, args):
+    """The suite with --amp / --channels-last / --compile set in its recipe (they are part of each run's hash)."""
+    from dataclasses import replace
+
+    changes = {k: True for k in ("amp", "channels_last", "compile") if getattr(args, k)}
+    return replace(suite, recipe=replace(suite.recipe, **changes)) if changes else suite
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +116,7 @@ def cmd_run(args) -> int:
     from bench.suites import load_suite
     from bench.tables import write_tables
 
-    suite = load_suite(args.suite)
+    suite = with_speed_flags(load_suite(args.suite), args)
     options = run_options(args, executor=args.executor)
     report = run_suite(suite, options)
     out = suite_dir(options, suite)
@@ -119,7 +131,7 @@ def cmd_sweep(args) -> int:
     from bench.suites import load_suite
     from bench.sweep import run_sweep
 
-    suite = load_suite(args.suite)
+    suite = with_speed_flags(load_suite(args.suite), args)
     report = run_sweep(suite, run_options(args, executor="ray"))
     return report.exit_code
 

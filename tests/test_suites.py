@@ -113,3 +113,16 @@ def test_cli_missing_dataset_path_exits_2(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2 and "cifar-100-python" in proc.stderr and "Traceback" not in proc.stderr
     assert not results.exists()
+
+
+def test_speed_flags_change_the_recipe_and_so_the_run_hash(tmp_path):
+    from bench.__main__ import build_parser, with_speed_flags
+
+    suite = load_suite(write(tmp_path, GOOD))
+    args = build_parser().parse_args(["run", "x", "--amp", "--channels-last"])
+    fast = with_speed_flags(suite, args)
+    assert fast.recipe.amp and fast.recipe.channels_last and not fast.recipe.compile
+    assert not suite.recipe.amp  # the loaded suite is untouched
+    assert {s.hash for s in expand(fast)}.isdisjoint(s.hash for s in expand(suite))
+    plain = with_speed_flags(suite, build_parser().parse_args(["run", "x"]))
+    assert [s.hash for s in expand(plain)] == [s.hash for s in expand(suite)]
