@@ -197,7 +197,7 @@ def execute_spec(
         final.update({k: float(v) for k, v in method.describe().items()})
         if teacher is not None:
             final["teacher_top1"] = teacher.top1
-            tracker.set_tags(run_id, {"teacher_hash": teacher.spec.hash})
+            tracker.set_tags(run_id, teacher.tags())
         extra_metrics, artifacts = final_calibration(method, task, run_dir)
         final.update(extra_metrics)
         tracker.log_metrics(run_id, final, step=spec.recipe.epochs)
