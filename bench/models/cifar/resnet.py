@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models.base import StagedNet
-from bench.models.cifar._common import reject_options
+from bench.models.cifar._common import init_kaiming_fan_out, reject_options
 from bench.models.registry import register_model
 
 
@@ -66,13 +66,7 @@ class CifarResNet(StagedNet):
         self.feature_dim = widths[3] * BasicBlock.expansion
         self.num_classes = num_classes
 
-        # CRD's initialisation.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_kaiming_fan_out(self)  # CRD's initialisation
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None

@@ -15,13 +15,12 @@ the same condition for every input size that is a multiple of 8 (64x64 -> 8x8 at
 """
 from __future__ import annotations
 
-import math
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models.base import StagedNet
-from bench.models.cifar._common import reject_options
+from bench.models.cifar._common import init_normal_fan_out, reject_options
 from bench.models.registry import register_model
 
 CFG = {
@@ -63,19 +62,7 @@ class VGG(StagedNet):
         self.feature_dim = 512
         self.num_classes = num_classes
 
-        # CRD's initialisation.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        init_normal_fan_out(self)  # CRD's initialisation
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return F.relu(self.block0(x))
