@@ -69,11 +69,7 @@ class AttentionTransfer(Method):
 
     def __init__(self, student, teacher, hparams: ATHparams, context: MethodContext) -> None:
         super().__init__(student, teacher, hparams, context)
-        if student.num_stages != teacher.num_stages:
-            raise BenchError(
-                f"at: student has {student.num_stages} stages and teacher {teacher.num_stages}; attention "
-                "transfer pairs stage i with stage i and needs equal counts"
-            )
+        self.require_equal_stages("attention transfer pairs stage i with stage i")
 
     def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         feats = self.student.forward_features(x)

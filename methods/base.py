@@ -117,6 +117,12 @@ class Method(nn.Module):
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match method {self.name}: missing={missing} unexpected={unexpected}")
 
+    def require_equal_stages(self, reason: str) -> None:
+        """Methods that pair student stage i with teacher stage i need the same number of stages."""
+        s, t = self.student.num_stages, self.teacher.num_stages
+        if s != t:
+            raise BenchError(f"{self.name}: student has {s} stages and teacher {t}; {reason}, so both need the same number")
+
     def describe(self) -> dict[str, int]:
         return {
             "student_params": count_parameters(self.student),

@@ -113,11 +113,7 @@ class ReviewKD(Method):
 
     def __init__(self, student, teacher, hparams: ReviewKDHparams, context: MethodContext) -> None:
         super().__init__(student, teacher, hparams, context)
-        if student.num_stages != teacher.num_stages:
-            raise BenchError(
-                f"reviewkd: student has {student.num_stages} stages and teacher {teacher.num_stages}; "
-                "knowledge review pairs level i with level i and needs equal counts"
-            )
+        self.require_equal_stages("knowledge review pairs level i with level i")
         s_channels = [*student.stage_channels, student.feature_dim]
         t_channels = [*teacher.stage_channels, teacher.feature_dim]
         mid = min(hparams.max_mid_channels, student.feature_dim)

@@ -270,11 +270,7 @@ class StableKD(Method):
 
     def __init__(self, student: StagedNet, teacher: StagedNet | None, hparams: StableKDHparams, context: MethodContext):
         super().__init__(student, teacher, hparams, context)
-        if teacher.num_stages != student.num_stages:
-            raise BenchError(
-                f"stablekd: teacher has {teacher.num_stages} stages but student {student.num_stages}; "
-                "blocks are cut at stage boundaries, so both need the same number"
-            )
+        self.require_equal_stages("blocks are cut at stage boundaries")
         self.num_stages = student.num_stages
         self.num_blocks = self.num_stages + 1
         self.phases = schedule_phases(hparams.schedule, self.num_blocks, context.epochs, hparams.schedule_unit)
