@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from bench.config import coerce, from_mapping, to_dict
+from bench.config import from_mapping, to_dict
 from bench.data import list_datasets
 from bench.engine import Recipe
 from bench.errors import BenchError
@@ -92,7 +92,6 @@ class Suite:
     resources: Resources = field(default_factory=Resources)
     reference_note: str = ""
     sweep: dict[str, Any] | None = None
-    share_teacher: bool = False
     path: Path | None = None
 
 
@@ -242,7 +241,7 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
         raise BenchError(f"{where}: a suite file must be a YAML mapping")
     allowed = {
         "name", "description", "dataset", "pairs", "methods", "fractions", "seeds", "recipe", "teacher",
-        "target_top1", "resources", "reference_note", "sweep", "share_teacher",
+        "target_top1", "resources", "reference_note", "sweep",
     }  # fmt: skip
     unknown = sorted(set(raw) - allowed)
     if unknown:
@@ -307,7 +306,6 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
         resources=from_mapping(Resources, raw.get("resources"), f"{where}.resources"),
         reference_note=str(raw.get("reference_note", "")),
         sweep=sweep,
-        share_teacher=coerce(raw.get("share_teacher", False), bool, f"{where}.share_teacher"),
         path=path,
     )
 
