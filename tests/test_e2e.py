@@ -53,11 +53,12 @@ def test_run_writes_runs_csv_tables_and_plot(finished_suite):
     assert "Test top-1" in proc.stdout  # the table is printed at the end
 
 
-def test_every_run_is_in_mlflow_with_params_tags_and_curves(finished_suite):
+def test_every_run_is_in_mlflow_with_params_tags_and_curves(finished_suite, monkeypatch):
     import mlflow
 
     _, results, _ = finished_suite
-    mlflow.set_tracking_uri(f"sqlite:///{results / 'mlflow.db'}")
+    # not mlflow.set_tracking_uri: it would leak into every later test of this process
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{results / 'mlflow.db'}")
     frame = mlflow.search_runs(experiment_names=["tiny"])
     assert len(frame) == 4 and set(frame.status) == {"FINISHED"}
     assert frame["tags.spec_hash"].nunique() == 4 and frame["tags.git_commit"].notna().all()

@@ -158,7 +158,7 @@ def test_a_missing_file_is_refused(published, tmp_path):
         suite_with_teacher_dir(tmp_path)
 
 
-def test_cli_refuses_with_exit_2_and_runs_with_the_published_teacher(published, tmp_path, capsys):
+def test_cli_refuses_with_exit_2_and_runs_with_the_published_teacher(published, tmp_path, capsys, monkeypatch):
     import mlflow
 
     from bench.__main__ import main
@@ -173,6 +173,6 @@ def test_cli_refuses_with_exit_2_and_runs_with_the_published_teacher(published, 
     assert "refusing to distil from it" in capsys.readouterr().err
     write_manifest(published["dir"], published["top1"])
     assert main(args) == 0
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["published"])
     assert len(runs) == 1 and runs["metrics.teacher_top1"].iloc[0] == pytest.approx(published["top1"])
