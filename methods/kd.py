@@ -25,6 +25,21 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     return kl_per_sample(log_p_t, log_p_s).mean() * temperature**2
 
 
+def kd_objective(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    temperature: float = 4.0,
+    ce_weight: float = 0.1,
+    kd_weight: float = 0.9,
+) -> dict[str, Tensor]:
+    """The KD training objective as two named terms: ``ce_weight``·CE and ``kd_weight``·:func:`kd_loss`."""
+    return {
+        "ce": ce_weight * F.cross_entropy(student_logits, targets),
+        "kd": kd_weight * kd_loss(student_logits, teacher_logits, temperature),
+    }
+
+
 @dataclass
 class KDHparams:
     temperature: float = 4.0
@@ -46,7 +61,5 @@ class KD(Method):
     def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(x)
         teacher_logits = self.teacher_features(x).logits
-        return logits, {
-            "ce": self.hp.ce_weight * F.cross_entropy(logits, y),
-            "kd": self.hp.kd_weight * kd_loss(logits, teacher_logits, self.hp.temperature),
-        }
+        hp = self.hp
+        return logits, kd_objective(logits, teacher_logits, y, hp.temperature, hp.ce_weight, hp.kd_weight)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from bench.errors import BenchError
 from bench.models import StagedNet
 from methods.base import Method, MethodContext, register_method
-from methods.kd import kd_loss
+from methods.kd import kd_objective as head_block_loss  # the head group is trained with the KD objective
 
 Partition = list[range]
 
@@ -55,22 +55,6 @@ def block_feature_loss(student: Tensor, teacher: Tensor, kind: str = "mse") -> T
     if kind == "l1":
         return F.l1_loss(student, teacher)
     raise ValueError(f"unknown feature loss {kind!r} (mse, l1)")
-
-
-def head_block_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    targets: Tensor,
-    temperature: float = 4.0,
-    ce_weight: float = 0.1,
-    kd_weight: float = 0.9,
-) -> dict[str, Tensor]:
-    """Loss of the group that ends with the head: ``ce_weight``·CE + ``kd_weight``·T²·KL(p_t‖p_s) (Hinton et al.
-    2015, the :func:`methods.kd.kd_loss` of every KD table), as two named terms."""
-    return {
-        "ce": ce_weight * F.cross_entropy(student_logits, targets),
-        "kd": kd_weight * kd_loss(student_logits, teacher_logits, temperature),
-    }
 
 
 def partition(num_blocks: int, num_groups: int) -> Partition:
