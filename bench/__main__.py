@@ -49,6 +49,10 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
                    "reference run)")  # fmt: skip
     p.add_argument("--channels-last", action="store_true", help="NHWC models and batches (recipe.channels_last)")
     p.add_argument("--compile", action="store_true", help="torch.compile each method's forward_train (recipe.compile)")
+    p.add_argument("--share-teacher", action=argparse.BooleanOptionalAction, default=None,
+                   help="train offline runs that share teacher, data, fraction, seed and batches in lockstep: one "
+                   "teacher pass per batch for the group, results unchanged (default: the suite's share_teacher, "
+                   "true)")  # fmt: skip
     _add_common(p)
 
 
@@ -107,7 +111,7 @@ def run_options(args, executor: str):
         results_dir=args.results, data_root=args.data_root, download=args.download, device=args.device,
         rerun=args.rerun, tracking_uri=args.tracking_uri, teacher_dir=args.teacher_dir,
         progress=not args.no_progress and sys.stderr.isatty(), executor=executor, cpus_per_run=args.cpus_per_run,
-        gpus_per_run=args.gpus_per_run, address=args.address,
+        gpus_per_run=args.gpus_per_run, address=args.address, share_teacher=args.share_teacher,
     )  # fmt: skip
 
 

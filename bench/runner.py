@@ -11,8 +11,10 @@
   each epoch to Tune (``ray.tune.report``) and log to MLflow through our ``Tracker``.
 - ``local``: the same specs one after another in this process (debugging, the API default).
 
-Every spec runs through ``run_job`` → ``execute_spec`` (build loaders, models and the method,
-``method.fit``, log to MLflow), which isolates failures: a run that raises or diverges is recorded as
+Every spec runs through ``run_jobs`` → ``execute_spec`` (build loaders, models and the method,
+``method.fit``, log to MLflow), or, for offline runs that share a teacher and batches (``share_teacher``,
+on by default), ``execute_lockstep``: one teacher pass per batch for the group, each run still its own
+MLflow run, checkpoint and failure. Both isolate failures: a run that raises or diverges is recorded as
 failed with its reason and the others go on. Crash safety: a spec holds an exclusive lock on its run
 folder while it runs (``spec_lock``; the kernel drops it when the process dies, even on SIGKILL), so an
 unfinished MLflow run of a spec nobody holds is resumed from its last epoch checkpoint, in the same
@@ -29,8 +31,9 @@ import sys
 import time
 import traceback
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -38,10 +41,11 @@ import torch
 
 from bench.calibration import final_calibration
 from bench.data import Splits, data_root, load_dataset
-from bench.engine import atomic_save, build_task, pick_device, seed_everything
+from bench.engine import History, Task, atomic_save, build_task, pick_device, seed_everything
 from bench.errors import BenchError
+from bench.lockstep import LockstepResult, fit_lockstep, lockstep_groups, lockstep_key
 from bench.models import create_model
-from bench.suites import RunSpec, Suite, TeacherSpec, expand
+from bench.suites import RunSpec, Suite, TeacherSpec, content_hash, expand
 from bench.teachers import TeacherRecord, ensure_teacher, load_teacher, read_state_dict, use_published_teachers
 from bench.tracking import (
     FAILED,
@@ -74,6 +78,7 @@ class RunOptions:
     gpus_per_run: float | None = None  # default: the suite's resources.gpus, else 1 where the cluster has GPUs
     address: str | None = None  # Ray cluster address (default: $RAY_ADDRESS, else a fresh local instance)
     live: bool | None = None  # refresh the suite's progress line in place (default: stdout is a terminal)
+    share_teacher: bool | None = None  # lockstep groups (bench.lockstep); default: the suite's share_teacher
 
 
 @dataclass
@@ -153,6 +158,109 @@ def spec_lock(run_dir: Path, log: Callable[[str], None] = print) -> Iterator[Non
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@dataclass
+class PreparedRun:
+    """A spec ready to train: its MLflow run, loaders, method and epoch hook."""
+
+    spec: RunSpec
+    run_id: str
+    run_dir: Path
+    task: Task
+    method: Any  # methods.base.Method
+    hooks: EpochLogger
+
+
+def offline_teacher(spec: RunSpec, teacher: TeacherRecord | None, splits: Splits):
+    """The frozen teacher module of an offline method (None for the others). Loaded before the spec's seed
+    is set, so that a run that shares a teacher loaded once builds its student and method from the same
+    random numbers as a run that loads its own."""
+    from methods import get_method
+
+    if get_method(spec.method).teacher_mode != "offline":
+        return None
+    assert teacher is not None, "offline method without a teacher record"
+    return load_teacher(teacher, splits)
+
+
+def prepare_run(
+    spec: RunSpec,
+    splits: Splits,
+    tracker: Tracker,
+    run_id: str,
+    resumed: bool,
+    run_dir: Path,
+    device: torch.device,
+    teacher_model,
+    progress: bool,
+    on_epoch=None,
+) -> PreparedRun:
+    """Loaders, student and method of ``spec`` (around ``teacher_model`` for an offline method; an online
+    method builds its own teacher), seeded by the spec's seed."""
+    from methods import MethodContext, build_hparams, get_method
+
+    cls = get_method(spec.method)
+    checkpoint = run_dir / "checkpoint.pt"
+    if not resumed:
+        checkpoint.unlink(missing_ok=True)
+    task = build_task(
+        splits, spec.fraction, spec.seed, spec.recipe, device,
+        checkpoint_path=checkpoint, target_top1=spec.target_top1, progress=progress, description=spec.run_name,
+    )  # fmt: skip
+    info = splits.info
+    seed_everything(spec.seed)
+    student = create_model(spec.student, info.num_classes, info.in_channels)
+    if cls.teacher_mode == "online":
+        teacher_model = create_model(spec.teacher, info.num_classes, info.in_channels)
+    hparams = build_hparams(spec.method, spec.hparams, spec.label)
+    context = MethodContext(info, task.train_loader.num_samples, spec.recipe.epochs)
+    method = cls(student, teacher_model, hparams, context)
+    return PreparedRun(spec, run_id, run_dir, task, method, EpochLogger(tracker, run_id, on_epoch))
+
+
+def finish_run(run: PreparedRun, history, tracker: Tracker, teacher: TeacherRecord | None) -> tuple[str, dict[str, float]]:
+    """Final metrics, calibration, the student's weights; ends the MLflow run FINISHED."""
+    spec, method = run.spec, run.method
+    final = summary_metric_names(history.summary(spec.target_top1))
+    final.update({k: float(v) for k, v in method.describe().items()})
+    if teacher is not None:
+        final["teacher_top1"] = teacher.top1
+        tracker.set_tags(run.run_id, teacher.tags())
+    extra_metrics, artifacts = final_calibration(method, run.task, run.run_dir)
+    final.update(extra_metrics)
+    tracker.log_metrics(run.run_id, final, step=spec.recipe.epochs)
+    weights = run.run_dir / "student.pt"
+    atomic_save(method.student.state_dict(), weights)
+    for path in [weights, *artifacts]:
+        tracker.log_artifact(run.run_id, path)
+    tracker.end(run.run_id, FINISHED)
+    return FINISHED, final
+
+
+def fail_run(tracker: Tracker, run_id: str, run_dir: Path, err: BaseException) -> tuple[str, dict[str, str]]:
+    """Record a run's failure: ``error.log`` (the traceback), the MLflow run ended FAILED with the reason."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.log").write_text("".join(traceback.format_exception(err)))
+    reason = f"{type(err).__name__}: {err}"
+    tracker.end(run_id, FAILED, reason)
+    return FAILED, {"error": reason}
+
+
+@contextmanager
+def ending_on_interrupt(tracker: Tracker, run_ids: Callable[[], list[str]]) -> Iterator[None]:
+    """Ctrl-C or a stop by the Tune scheduler (``SystemExit`` inside ``ray.tune.report``) ends the runs
+    still open KILLED (resumable) and propagates."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        for run_id in run_ids():
+            tracker.end(run_id, KILLED, "interrupted")
+        raise
+    except SystemExit:
+        for run_id in run_ids():
+            tracker.end(run_id, KILLED, "stopped early by the Tune scheduler")
+        raise
+
+
 def execute_spec(
     spec: RunSpec,
     splits: Splits,
@@ -167,86 +275,115 @@ def execute_spec(
 
     An unfinished MLflow run of the spec continues (same run, from ``checkpoint.pt``); an exception or
     divergence ends it FAILED with the reason (tag ``error``, ``error.log``); Ctrl-C or a stop by the
-    Tune scheduler (``SystemExit`` inside ``ray.tune.report``) ends it KILLED and propagates."""
-    from methods import MethodContext, build_hparams, get_method
-
-    cls = get_method(spec.method)
+    Tune scheduler ends it KILLED and propagates."""
     run_id, resumed = tracker.start(spec.run_name, spec.hash, spec.params(), {"device": str(device)})
-    checkpoint = run_dir / "checkpoint.pt"
-    if not resumed:
-        checkpoint.unlink(missing_ok=True)
-    try:
-        task = build_task(
-            splits, spec.fraction, spec.seed, spec.recipe, device,
-            checkpoint_path=checkpoint, target_top1=spec.target_top1, progress=progress, description=spec.run_name,
-        )  # fmt: skip
-        info = splits.info
-        seed_everything(spec.seed)
-        student = create_model(spec.student, info.num_classes, info.in_channels)
-        teacher_model = None
-        if cls.teacher_mode == "offline":
-            assert teacher is not None, "offline method without a teacher record"
-            teacher_model = load_teacher(teacher, splits)
-        elif cls.teacher_mode == "online":
-            teacher_model = create_model(spec.teacher, info.num_classes, info.in_channels)
-        hparams = build_hparams(spec.method, spec.hparams, spec.label)
-        context = MethodContext(info, task.train_loader.num_samples, spec.recipe.epochs)
-        method = cls(student, teacher_model, hparams, context)
-        history = method.fit(task, spec.recipe, EpochLogger(tracker, run_id, on_epoch))
-        final = summary_metric_names(history.summary(spec.target_top1))
-        final.update({k: float(v) for k, v in method.describe().items()})
-        if teacher is not None:
-            final["teacher_top1"] = teacher.top1
-            tracker.set_tags(run_id, teacher.tags())
-        extra_metrics, artifacts = final_calibration(method, task, run_dir)
-        final.update(extra_metrics)
-        tracker.log_metrics(run_id, final, step=spec.recipe.epochs)
-        weights = run_dir / "student.pt"
-        atomic_save(method.student.state_dict(), weights)
-        for path in [weights, *artifacts]:
-            tracker.log_artifact(run_id, path)
-        tracker.end(run_id, FINISHED)
-        return FINISHED, final
-    except KeyboardInterrupt:
-        tracker.end(run_id, KILLED, "interrupted")
-        raise
-    except SystemExit:
-        tracker.end(run_id, KILLED, "stopped early by the Tune scheduler")
-        raise
-    except Exception as err:  # isolate: record and go on with the other runs
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.log").write_text(traceback.format_exc())
-        tracker.end(run_id, FAILED, f"{type(err).__name__}: {err}")
-        return FAILED, {"error": f"{type(err).__name__}: {err}"}
+    with ending_on_interrupt(tracker, lambda: [run_id]):
+        try:
+            teacher_model = offline_teacher(spec, teacher, splits)
+            run = prepare_run(spec, splits, tracker, run_id, resumed, run_dir, device, teacher_model, progress, on_epoch)
+            history = run.method.fit(run.task, spec.recipe, run.hooks)
+            return finish_run(run, history, tracker, teacher)
+        except Exception as err:  # isolate: record and go on with the other runs
+            return fail_run(tracker, run_id, run_dir, err)
 
 
-def run_job(
-    spec: RunSpec,
+def execute_lockstep(
+    specs: list[RunSpec],
     splits: Splits,
     tracker: Tracker,
-    run_dir: Path,
+    run_dirs: dict[str, Path],
+    device: torch.device,
+    teacher: TeacherRecord,
+    progress: bool = True,
+    on_epoch: Callable[[RunSpec, int, dict[str, float]], None] | None = None,
+) -> dict[str, tuple[str, dict[str, float]]]:
+    """Run offline specs that share a teacher and batches in lockstep (:func:`bench.lockstep.fit_lockstep`):
+    the teacher is loaded once and runs once per batch for all of them. Each spec keeps its own MLflow run
+    (tagged ``share_teacher``), checkpoint, resume and failure, exactly as ``execute_spec``; the results
+    equal separate runs (``tests/test_runner_lockstep.py``). Returns (status, final metrics) per spec hash."""
+    results: dict[str, tuple[str, dict[str, float]]] = {}
+    tags = {"device": str(device), "share_teacher": f"lockstep group of {len(specs)}"}
+    opened = [(spec, *tracker.start(spec.run_name, spec.hash, spec.params(), tags)) for spec in specs]
+
+    def still_open() -> list[str]:
+        return [run_id for spec, run_id, _ in opened if spec.hash not in results]
+
+    with ending_on_interrupt(tracker, still_open):
+        try:
+            teacher_model = load_teacher(teacher, splits)
+        except Exception as err:
+            return {s.hash: fail_run(tracker, run_id, run_dirs[s.hash], err) for s, run_id, _ in opened}
+        runs: list[PreparedRun] = []
+        for spec, run_id, resumed in opened:
+            hook = partial(on_epoch, spec) if on_epoch is not None else None
+            try:
+                runs.append(prepare_run(spec, splits, tracker, run_id, resumed, run_dirs[spec.hash], device,
+                                        teacher_model, progress, hook))  # fmt: skip
+            except Exception as err:
+                results[spec.hash] = fail_run(tracker, run_id, run_dirs[spec.hash], err)
+        for run in runs[1:]:  # one loader object: the batches are drawn once for the group
+            run.task.train_loader = runs[0].task.train_loader
+        try:
+            trained = fit_lockstep([r.method for r in runs], [r.task for r in runs], [r.spec.recipe for r in runs],
+                                   [r.hooks for r in runs], progress=progress,
+                                   description=f"lockstep of {len(runs)}: {specs[0].teacher}")  # fmt: skip
+        except Exception as err:  # e.g. the group cannot share (BenchError): every run fails with the reason
+            trained = [LockstepResult(History(), err) for _ in runs]
+        for run, result in zip(runs, trained):
+            try:
+                if result.error is not None:
+                    raise result.error
+                tracker.set_tags(run.run_id, {"teacher_passes": str(result.teacher_passes)})
+                results[run.spec.hash] = finish_run(run, result.history, tracker, teacher)
+            except Exception as err:
+                results[run.spec.hash] = fail_run(tracker, run.run_id, run.run_dir, err)
+    return results
+
+
+def run_jobs(
+    specs: list[RunSpec],
+    splits: Splits,
+    tracker: Tracker,
+    run_root: Path,
     device: torch.device,
     teacher: TeacherRecord | None,
     teacher_error: str | None,
     rerun: bool = False,
     progress: bool = False,
-    on_epoch=None,
+    on_epoch: Callable[[RunSpec, int, dict[str, float]], None] | None = None,
     log: Callable[[str], None] = print,
-) -> Outcome:
-    """``execute_spec`` under the spec's lock; a spec finished meanwhile (by the process we waited for) is
-    SKIPPED, a spec whose teacher failed is recorded FAILED with the teacher's error."""
-    with spec_lock(run_dir, log):
-        done = None if rerun else tracker.finished_run(spec.hash)
-        if done is not None:
-            return Outcome(spec.hash, SKIPPED, tracker.final_metrics(done), run_id=done)
-        if teacher_error is not None:
-            run_id, _ = tracker.start(spec.run_name, spec.hash, spec.params(), {"device": str(device)})
-            tracker.end(run_id, FAILED, teacher_error)
-            return Outcome(spec.hash, FAILED, error=teacher_error, run_id=run_id)
-        status, final = execute_spec(spec, splits, tracker, run_dir, device, teacher, progress, on_epoch)
-        run_id = next((r.run_id for r in tracker.runs_for(spec.hash) if r.status == status), None)
-        metrics = {k: v for k, v in final.items() if k != "error"}
-        return Outcome(spec.hash, status, metrics, final.get("error", ""), run_id)
+) -> list[Outcome]:
+    """Run ``specs`` (one spec, or a lockstep group sharing ``teacher``) under their locks: a spec finished
+    meanwhile (by the process we waited for) is SKIPPED, a spec whose teacher failed is recorded FAILED
+    with the teacher's error; the others run through ``execute_spec`` (alone) or ``execute_lockstep``."""
+    run_dirs = {s.hash: run_root / s.hash for s in specs}
+    outcomes: dict[str, Outcome] = {}
+    with ExitStack() as locks:
+        for spec in sorted(specs, key=lambda s: s.hash):  # one order for every process: no deadlock
+            locks.enter_context(spec_lock(run_dirs[spec.hash], log))
+        todo = []
+        for spec in specs:
+            done = None if rerun else tracker.finished_run(spec.hash)
+            if done is not None:
+                outcomes[spec.hash] = Outcome(spec.hash, SKIPPED, tracker.final_metrics(done), run_id=done)
+            elif teacher_error is not None:
+                run_id, _ = tracker.start(spec.run_name, spec.hash, spec.params(), {"device": str(device)})
+                tracker.end(run_id, FAILED, teacher_error)
+                outcomes[spec.hash] = Outcome(spec.hash, FAILED, error=teacher_error, run_id=run_id)
+            else:
+                todo.append(spec)
+        if len(todo) == 1:
+            spec = todo[0]
+            hook = partial(on_epoch, spec) if on_epoch is not None else None
+            results = {spec.hash: execute_spec(spec, splits, tracker, run_dirs[spec.hash], device, teacher, progress, hook)}
+        elif todo:
+            results = execute_lockstep(todo, splits, tracker, run_dirs, device, teacher, progress, on_epoch)
+        for spec in todo:
+            status, final = results[spec.hash]
+            run_id = next((r.run_id for r in tracker.runs_for(spec.hash) if r.status == status), None)
+            metrics = {k: v for k, v in final.items() if k != "error"}
+            outcomes[spec.hash] = Outcome(spec.hash, status, metrics, final.get("error", ""), run_id)
+    return [outcomes[s.hash] for s in specs]
 
 
 def prepare_teachers(
@@ -450,6 +587,47 @@ def _threads(cpus: float) -> int:
     return max(1, int(cpus))
 
 
+@dataclass(frozen=True)
+class LockstepJob:
+    """Specs that train in lockstep on one teacher pass per batch (``bench.lockstep``), as one job (one Ray
+    trial); they share teacher spec, dataset, fraction, seed and batch-deciding recipe fields."""
+
+    specs: tuple[RunSpec, ...]
+
+    @property
+    def key(self) -> str:
+        return "lockstep:" + content_hash([s.hash for s in self.specs])
+
+    @property
+    def teacher_spec(self) -> TeacherSpec | None:
+        return self.specs[0].teacher_spec
+
+
+MAX_LOCKSTEP = 8  # students of one group live on the device at once
+
+
+def share_teacher(suite: Suite, options: RunOptions) -> bool:
+    return suite.share_teacher if options.share_teacher is None else options.share_teacher
+
+
+def plan_jobs(pending: list[RunSpec], share: bool, slots: int = 1) -> list[RunSpec | LockstepJob]:
+    """The pending specs as jobs: with ``share``, specs that can share a teacher pass
+    (``bench.lockstep.lockstep_groups``) become one ``LockstepJob``, at most ``MAX_LOCKSTEP`` each, and
+    the groups are split (a smaller cap) until there are at least ``slots`` jobs for the parallel workers."""
+    if not share:
+        return list(pending)
+    cap = MAX_LOCKSTEP
+    while True:
+        groups = lockstep_groups(pending, cap)
+        if len(groups) >= slots or cap == 1:
+            return [g[0] if len(g) == 1 else LockstepJob(tuple(g)) for g in groups]
+        cap -= 1
+
+
+def job_specs(job: RunSpec | LockstepJob) -> list[RunSpec]:
+    return list(job.specs) if isinstance(job, LockstepJob) else [job]
+
+
 def run_local(
     suite: Suite,
     pending: list[RunSpec],
@@ -460,24 +638,26 @@ def run_local(
     progress: Progress,
     log=print,
 ) -> list[Outcome]:
-    """The specs one after another in this process (``--cpus-per-run`` sets the torch threads)."""
+    """The jobs one after another in this process (``--cpus-per-run`` sets the torch threads)."""
     threads_before = torch.get_num_threads()
     if options.cpus_per_run is not None:
         torch.set_num_threads(_threads(options.cpus_per_run))
     try:
         teachers, teacher_errors = prepare_teachers(pending, splits, options, device, log)
-        outcomes = []
-        for spec in pending:
-            tkey = spec.teacher_spec.hash if spec.teacher_spec else None
-            progress.start(spec.hash)
-            outcome = run_job(
-                spec, splits, tracker, suite_dir(options, suite) / "runs" / spec.hash, device, teachers.get(tkey),
+        outcomes: dict[str, Outcome] = {}
+        for job in plan_jobs(pending, share_teacher(suite, options)):
+            specs = job_specs(job)
+            tkey = specs[0].teacher_spec.hash if specs[0].teacher_spec else None
+            for spec in specs:
+                progress.start(spec.hash)
+            for outcome in run_jobs(
+                specs, splits, tracker, suite_dir(options, suite) / "runs", device, teachers.get(tkey),
                 teacher_errors.get(tkey), options.rerun, options.progress,
-                on_epoch=lambda epoch, _m, key=spec.hash: progress.epoch(key, epoch + 1), log=log,
-            )  # fmt: skip
-            progress.end(outcome)
-            outcomes.append(outcome)
-        return outcomes
+                on_epoch=lambda spec, epoch, _m: progress.epoch(spec.hash, epoch + 1), log=log,
+            ):  # fmt: skip
+                progress.end(outcome)
+                outcomes[outcome.key] = outcome
+        return [outcomes[s.hash] for s in pending]
     finally:
         torch.set_num_threads(threads_before)
 
@@ -583,9 +763,9 @@ class TeacherJob:
 class JobList:
     """Tune config ``{"job": i, ...}`` → the i-th job."""
 
-    jobs: list[RunSpec | TeacherJob]
+    jobs: list[RunSpec | LockstepJob | TeacherJob]
 
-    def __call__(self, config: dict[str, Any]) -> RunSpec | TeacherJob:
+    def __call__(self, config: dict[str, Any]) -> RunSpec | LockstepJob | TeacherJob:
         return self.jobs[config["job"]]
 
 
@@ -603,7 +783,7 @@ def teachers_first(searcher_base: type) -> type:
             self.teacher_done: dict[str, str] = {}  # teacher hash → error ("" when fine)
             self.by_trial: dict[str, int] = {}
 
-        def _ready(self, job: RunSpec | TeacherJob) -> bool:
+        def _ready(self, job: RunSpec | LockstepJob | TeacherJob) -> bool:
             if isinstance(job, TeacherJob) or job.teacher_spec is None:
                 return True
             thash = job.teacher_spec.hash
@@ -618,7 +798,7 @@ def teachers_first(searcher_base: type) -> type:
                 if self._ready(job):
                     del self.order[pos]
                     self.by_trial[trial_id] = index
-                    thash = job.teacher_spec.hash if isinstance(job, RunSpec) and job.teacher_spec else None
+                    thash = job.teacher_spec.hash if not isinstance(job, TeacherJob) and job.teacher_spec else None
                     return {"job": index, "teacher_error": self.teacher_done.get(thash, "")}
             return None  # the remaining runs wait for a teacher still training
 
@@ -636,7 +816,7 @@ def teachers_first(searcher_base: type) -> type:
 class TrialContext:
     """What a trial needs, shipped once through the object store (``tune.with_parameters``)."""
 
-    resolve: Callable[[dict[str, Any]], RunSpec | TeacherJob]
+    resolve: Callable[[dict[str, Any]], RunSpec | LockstepJob | TeacherJob]
     experiment: str
     dataset: str
     options: RunOptions  # absolute paths, resolved tracking URI
@@ -660,8 +840,9 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
-    """One Tune trial: a teacher job or one run spec. Reports every epoch, then a final result whose
-    ``kdb_status`` / ``kdb_error`` / ``kdb_run_id`` the driver reads."""
+    """One Tune trial: a teacher job, one run spec or a lockstep group. Reports every epoch (tagged
+    ``kdb_spec``: a group's runs report in turn), then one final result per spec whose ``kdb_status`` /
+    ``kdb_error`` / ``kdb_run_id`` the driver reads."""
     from ray import tune
 
     torch.set_num_threads(ctx.threads)
@@ -683,26 +864,29 @@ def tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         top1 = next(iter(records.values())).top1 if records else math.nan
         tune.report({"kdb_status": FAILED if error else FINISHED, "kdb_error": error, "teacher_top1": top1})
         return
+    specs = job_specs(job)
     tracker = _cached(("tracker", ctx.experiment, opts.tracking_uri), lambda: make_tracker_for(ctx))
     teacher, teacher_error = None, config.get("teacher_error") or None
-    if job.teacher_spec is not None and teacher_error is None:  # trained by its own trial: this loads it
-        records, errors = prepare_teachers([job], splits, opts, device, quiet)
-        teacher, teacher_error = records.get(job.teacher_spec.hash), errors.get(job.teacher_spec.hash)
-    last: dict[str, float] = {}
+    if specs[0].teacher_spec is not None and teacher_error is None:  # trained by its own trial: this loads it
+        records, errors = prepare_teachers(specs[:1], splits, opts, device, quiet)
+        thash = specs[0].teacher_spec.hash
+        teacher, teacher_error = records.get(thash), errors.get(thash)
+    last: dict[str, dict[str, float]] = {s.hash: {} for s in specs}
 
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        last.clear()
-        last.update(_numbers(metrics))
-        tune.report(dict(last))
+    def on_epoch(spec: RunSpec, epoch: int, metrics: dict[str, float]) -> None:
+        last[spec.hash] = _numbers(metrics)
+        tune.report({**last[spec.hash], "kdb_spec": spec.hash})
 
-    outcome = run_job(job, splits, tracker, ctx.run_root / job.hash, device, teacher, teacher_error, opts.rerun,
-                      False, on_epoch, quiet)  # fmt: skip
-    if outcome.status == SKIPPED and ctx.metric and outcome.run_id:  # a scheduler needs the curve
-        for step, value in enumerate(tracker.metric_history(outcome.run_id, ctx.metric), start=1):
-            last = {"epoch": float(step), ctx.metric: value}
-            tune.report(dict(last))
-    final = {**last, **_numbers(outcome.metrics)}
-    tune.report({**final, "kdb_status": outcome.status, "kdb_error": outcome.error, "kdb_run_id": outcome.run_id or ""})
+    outcomes = run_jobs(specs, splits, tracker, ctx.run_root, device, teacher, teacher_error, opts.rerun, False,
+                        on_epoch, quiet)  # fmt: skip
+    for spec, outcome in zip(specs, outcomes):
+        if outcome.status == SKIPPED and ctx.metric and outcome.run_id:  # a scheduler needs the curve
+            for step, value in enumerate(tracker.metric_history(outcome.run_id, ctx.metric), start=1):
+                last[spec.hash] = {"epoch": float(step), ctx.metric: value}
+                tune.report({**last[spec.hash], "kdb_spec": spec.hash})
+        final = {**last[spec.hash], **_numbers(outcome.metrics)}
+        tune.report({**final, "kdb_spec": spec.hash, "kdb_status": outcome.status, "kdb_error": outcome.error,
+                     "kdb_run_id": outcome.run_id or ""})  # fmt: skip
 
 
 def make_tracker_for(ctx: TrialContext) -> Tracker:
@@ -723,24 +907,26 @@ def absolute_options(options: RunOptions, tracker: Tracker) -> RunOptions:
 
 
 def _progress_callback(ctx: TrialContext, progress: Progress | None, seen: dict[str, dict]):
-    """Driver side: trial events → the progress line, and per job key its config, last result and error."""
+    """Driver side: trial events → the progress line, and per job key (a spec's hash; ``teacher:<hash>``)
+    its config, last result and error. A lockstep trial holds several specs: its results say which."""
     from ray import tune
 
-    def key_of(trial) -> str:
+    def keys_of(trial) -> list[str]:
         job = ctx.resolve(trial.config)
-        return job.key if isinstance(job, TeacherJob) else job.hash
+        return [job.key] if isinstance(job, TeacherJob) else [s.hash for s in job_specs(job)]
 
     class ProgressCallback(tune.Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
             job = ctx.resolve(trial.config)
-            key = key_of(trial)
-            seen[key] = {"config": dict(trial.config), "last": {}}
-            if progress is not None and isinstance(job, RunSpec):
-                progress.add(job)
-                progress.start(key)
+            for key in keys_of(trial):
+                seen[key] = {"config": dict(trial.config), "last": {}}
+            if progress is not None and not isinstance(job, TeacherJob):
+                for spec in job_specs(job):
+                    progress.add(spec)
+                    progress.start(spec.hash)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            key = key_of(trial)
+            key = str(result.get("kdb_spec") or keys_of(trial)[0])
             seen[key]["last"] = dict(result)
             if "kdb_status" in result:
                 if progress is not None and key.startswith("teacher:"):
@@ -751,16 +937,16 @@ def _progress_callback(ctx: TrialContext, progress: Progress | None, seen: dict[
                 progress.epoch(key, int(result["epoch"]))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            key = key_of(trial)
-            if "kdb_status" not in seen[key]["last"] and progress is not None:  # stopped by the scheduler
-                progress.end(Outcome(key, STOPPED))
+            for key in keys_of(trial):
+                if "kdb_status" not in seen[key]["last"] and progress is not None:  # stopped by the scheduler
+                    progress.end(Outcome(key, STOPPED))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            key = key_of(trial)
             reason = _first_line(getattr(trial, "error_msg", None) or "see the Ray logs")
-            seen[key]["error"] = f"trial crashed: {reason}"
-            if progress is not None and "kdb_status" not in seen[key]["last"]:
-                progress.end(Outcome(key, FAILED, error=seen[key]["error"]))
+            for key in keys_of(trial):
+                seen[key]["error"] = f"trial crashed: {reason}"
+                if progress is not None and "kdb_status" not in seen[key]["last"]:
+                    progress.end(Outcome(key, FAILED, error=seen[key]["error"]))
 
     return ProgressCallback()
 
@@ -846,8 +1032,9 @@ def run_ray(
     progress: Progress,
     log=print,
 ) -> list[Outcome]:
-    """One Tuner over the teacher jobs (one per distinct teacher spec, first) and the pending specs, each
-    released once its teacher has been trained (``teachers_first``)."""
+    """One Tuner over the teacher jobs (one per distinct teacher spec, first) and the pending specs (one
+    trial each, or one per lockstep group: ``plan_jobs``), each released once its teacher has been trained
+    (``teachers_first``)."""
     from ray.tune.search import Searcher
 
     with ray_session(options.address):
@@ -859,7 +1046,13 @@ def run_ray(
         for spec in pending:
             if spec.teacher_spec is not None:
                 first.setdefault(spec.teacher_spec.hash, TeacherJob(spec))
-        jobs = JobList([*first.values(), *pending])
+        slots = parallel_slots(resources)
+        planned = plan_jobs(pending, share_teacher(suite, options), slots)
+        groups = [j for j in planned if isinstance(j, LockstepJob)]
+        if groups:
+            log(f"sharing the teacher pass: {sum(len(g.specs) for g in groups)} runs in {len(groups)} lockstep "
+                f"group(s) (--no-share-teacher to run them apart)")  # fmt: skip
+        jobs = JobList([*first.values(), *planned])
         ctx = TrialContext(
             jobs, suite.name, suite.dataset, opts, suite_dir(opts, suite) / "runs", _threads(resources["cpu"]),
             resources["gpu"],
@@ -868,7 +1061,7 @@ def run_ray(
         outcomes = tune_jobs(
             "runs", ctx, {}, resources, storage, progress, tracker,
             search_alg=teachers_first(Searcher)(jobs), num_samples=len(jobs.jobs),
-            max_concurrent_trials=parallel_slots(resources),  # else Tune starts one trial (actor) at a time
+            max_concurrent_trials=slots,  # else Tune starts one trial (actor) at a time
         )  # fmt: skip
     for job in first.values():
         if outcomes.get(job.key, Outcome(job.key, "")).status == "BENCH_ERROR":

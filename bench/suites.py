@@ -92,6 +92,7 @@ class Suite:
     resources: Resources = field(default_factory=Resources)
     reference_note: str = ""
     sweep: dict[str, Any] | None = None
+    share_teacher: bool = True  # offline runs sharing teacher and batches train in lockstep (bench.lockstep)
     path: Path | None = None
 
 
@@ -241,7 +242,7 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
         raise BenchError(f"{where}: a suite file must be a YAML mapping")
     allowed = {
         "name", "description", "dataset", "pairs", "methods", "fractions", "seeds", "recipe", "teacher",
-        "target_top1", "resources", "reference_note", "sweep",
+        "target_top1", "resources", "reference_note", "sweep", "share_teacher",
     }  # fmt: skip
     unknown = sorted(set(raw) - allowed)
     if unknown:
@@ -292,6 +293,9 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
     sweep = raw.get("sweep")
     if sweep is not None and not isinstance(sweep, dict):
         raise BenchError(f"{where}.sweep: expected a mapping")
+    share = raw.get("share_teacher", True)
+    if not isinstance(share, bool):
+        raise BenchError(f"{where}.share_teacher: expected true or false, got {share!r}")
     return Suite(
         name=raw["name"],
         dataset=raw["dataset"],
@@ -306,6 +310,7 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
         resources=from_mapping(Resources, raw.get("resources"), f"{where}.resources"),
         reference_note=str(raw.get("reference_note", "")),
         sweep=sweep,
+        share_teacher=share,
         path=path,
     )
 
