@@ -53,6 +53,9 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
                    help="train offline runs that share teacher, data, fraction, seed and batches in lockstep: one "
                    "teacher pass per batch for the group, results unchanged (default: the suite's share_teacher, "
                    "true)")  # fmt: skip
+    p.add_argument("--teacher-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="store a frozen teacher's per-sample outputs in the first epoch and reuse them, where "
+                   "training has no random augmentation (digits; augment: none); results unchanged (default: on)")  # fmt: skip
     _add_common(p)
 
 
@@ -112,6 +115,7 @@ def run_options(args, executor: str):
         rerun=args.rerun, tracking_uri=args.tracking_uri, teacher_dir=args.teacher_dir,
         progress=not args.no_progress and sys.stderr.isatty(), executor=executor, cpus_per_run=args.cpus_per_run,
         gpus_per_run=args.gpus_per_run, address=args.address, share_teacher=args.share_teacher,
+        teacher_cache=args.teacher_cache,
     )  # fmt: skip
 
 

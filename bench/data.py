@@ -291,7 +291,10 @@ def random_crop_flip(
 
 
 class TensorLoader:
-    """Batches of a device-resident uint8 split, augmented and normalised on the device."""
+    """Batches of a device-resident uint8 split, augmented and normalised on the device.
+
+    ``last_index`` holds the positions in the split (a CPU tensor) of the samples of the batch yielded
+    last, whether or not ``with_indices`` is set (the teacher cache keys on it)."""
 
     def __init__(
         self,
@@ -315,6 +318,7 @@ class TensorLoader:
         self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
         self.epoch = 0
         self.with_indices = False
+        self.last_index: Tensor | None = None  # CPU positions (0..num_samples-1) of the last yielded batch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -325,8 +329,10 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         n = len(self.targets)
         gen = epoch_generator(self.seed, self.epoch)
-        order = torch.randperm(n, generator=gen).to(self.device) if self.train else None
+        positions = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
+        order = positions.to(self.device) if self.train else None
         for start in range(0, n, self.batch_size):
+            self.last_index = positions[start : start + self.batch_size]
             sel = order[start : start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
             x = self.images[sel].float().div_(255)
             if self.train and self.augment != "none":

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +23,7 @@ from torch import nn
 from bench.data import Loader
 from bench.errors import BenchError
 from bench.metrics import classification_metrics, curve_auc, epochs_to_target
+from bench.teacher_cache import CacheReport, TeacherCache, cache_status
 
 
 @dataclass
@@ -77,6 +79,9 @@ class Task:
     target_top1: float | None = None
     progress: bool = True
     description: str = ""
+    # Cache a frozen offline teacher's per-sample outputs where that cannot change the result
+    # (bench.teacher_cache). Not a recipe field: it changes no result, so it is not part of a run's hash.
+    teacher_cache: bool = False
 
 
 class Hooks(Protocol):
@@ -85,9 +90,12 @@ class Hooks(Protocol):
 
 @dataclass
 class History:
-    """Per-epoch metrics (``epochs[i]`` is the dict of epoch i+1) and the run's summary."""
+    """Per-epoch metrics (``epochs[i]`` is the dict of epoch i+1) and the run's summary.
+
+    ``teacher_cache``: what the teacher cache did in this process (None where the engine's loop did not run)."""
 
     epochs: list[dict[str, float]] = field(default_factory=list)
+    teacher_cache: CacheReport | None = None
 
     def curve(self, key: str = "test_top1") -> list[float]:
         return [e[key] for e in self.epochs if key in e]
@@ -210,6 +218,8 @@ class TrainingRun:
         method.to(task.device)
         if recipe.channels_last:
             method.to(memory_format=torch.channels_last)
+        # "on" or "off: <reason>" (bench.teacher_cache); the loop that drives the run creates the cache
+        self.teacher_cache_status = cache_status(method, task, recipe)
         self.params = method.trainable_parameters()
         self.optimizer = make_optimizer(self.params, recipe)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(recipe.milestones), recipe.gamma)
@@ -292,19 +302,31 @@ def progress_bar(enabled: bool, epochs: int, start: int, desc: str):
 def fit(method, task: Task, recipe: Recipe, hooks: Hooks | None = None) -> History:
     """Train ``method`` for ``recipe.epochs`` epochs, resuming from ``task.checkpoint_path`` if present."""
     run = TrainingRun(method, task, recipe, hooks)
+    loader = task.train_loader
+    cache = None
+    if run.teacher_cache_status == "on":
+        cache = TeacherCache(method.teacher, loader.num_samples)
     bar = progress_bar(task.progress, recipe.epochs, run.start, task.description or method.name)
-    for epoch in range(run.start, recipe.epochs):
-        t0 = time.perf_counter()
-        run.begin_epoch(epoch)
-        task.train_loader.set_epoch(epoch)
-        for x, y, *extra in task.train_loader:
-            run.step(prepare_batch(x, recipe), y, *extra)
-        metrics = run.end_epoch(epoch, time.perf_counter() - t0)
+    try:
+        with cache.active() if cache is not None else nullcontext():
+            for epoch in range(run.start, recipe.epochs):
+                t0 = time.perf_counter()
+                run.begin_epoch(epoch)
+                loader.set_epoch(epoch)
+                for x, y, *extra in loader:
+                    x = prepare_batch(x, recipe)
+                    if cache is not None:
+                        cache.bind(x, loader.last_index)
+                    run.step(x, y, *extra)
+                metrics = run.end_epoch(epoch, time.perf_counter() - t0)
+                if bar is not None:
+                    top1 = metrics.get("test_top1", float("nan"))
+                    bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", top1=f"{top1:.1f}")
+                    bar.update(1)
+    finally:
         if bar is not None:
-            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", top1=f"{metrics.get('test_top1', float('nan')):.1f}")
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
+    run.history.teacher_cache = cache.report() if cache is not None else CacheReport(run.teacher_cache_status)
     return run.history
 
 
@@ -318,6 +340,7 @@ def build_task(
     target_top1: float | None = None,
     progress: bool = True,
     description: str = "",
+    teacher_cache: bool = False,
 ) -> Task:
     """Loaders for one run: a stratified ``fraction`` of the training pool (after carving the seeded
     validation split when ``recipe.val_fraction`` > 0), the test split, and the validation split."""
@@ -344,4 +367,5 @@ def build_task(
         target_top1=target_top1,
         progress=progress,
         description=description,
+        teacher_cache=teacher_cache,
     )

@@ -40,6 +40,7 @@ from bench.engine import (
 )
 from bench.data import TensorLoader
 from bench.errors import BenchError
+from bench.teacher_cache import CacheReport, TeacherCache, map_tensors, patched_forward_features, tensor_leaves
 
 # Recipe fields that decide the batches or the teacher's output: runs in lockstep must agree on them.
 SHARED_RECIPE_FIELDS = ("batch_size", "augment", "val_fraction", "amp", "channels_last", "compile")
@@ -53,24 +54,10 @@ class _Entry:
     versions: list[int]
 
 
-def _tensors(output: Any) -> list[Tensor]:
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, (list, tuple)):
-        return [t for item in output for t in _tensors(item)]
-    if hasattr(output, "__dataclass_fields__"):
-        return [t for name in output.__dataclass_fields__ for t in _tensors(getattr(output, name))]
-    return []
-
-
 def _shallow_copy(output: Any) -> Any:
     """A fresh container around the same tensors, so a method that edits the container (not the
     tensors) cannot affect the next method."""
-    if isinstance(output, list):
-        return [_shallow_copy(v) for v in output]
-    if hasattr(output, "__dataclass_fields__"):
-        return type(output)(**{k: _shallow_copy(getattr(output, k)) for k in output.__dataclass_fields__})
-    return output
+    return map_tensors(lambda t: t, output)
 
 
 class SharedTeacher:
@@ -94,7 +81,9 @@ class SharedTeacher:
 
     @contextmanager
     def active(self) -> Iterator["SharedTeacher"]:
-        """Patch the teacher instance's ``forward_features`` for the duration of the block."""
+        """Patch the teacher instance's ``forward_features`` for the duration of the block (over a
+        :class:`~bench.teacher_cache.TeacherCache`'s patch when one is active: then a memo miss is served
+        from the cache where it can)."""
         original: Callable = self.teacher.forward_features
         if self.compile:  # the teacher pass compiled on its own; the memo stays eager Python
             original = torch.compile(original, **COMPILE_OPTIONS)
@@ -111,15 +100,15 @@ class SharedTeacher:
             output = original(x)
             self.compute_s += time.perf_counter() - t0
             self.misses += 1
-            self.cache[key] = _Entry(x, x._version, output, [t._version for t in _tensors(output)])
+            self.cache[key] = _Entry(x, x._version, output, [t._version for t in tensor_leaves(output)])
             return _shallow_copy(output)
 
-        self.teacher.forward_features = torch.compiler.disable(forward_features) if self.compile else forward_features
-        try:
-            yield self
-        finally:
-            del self.teacher.forward_features
-            self.cache.clear()
+        patch = torch.compiler.disable(forward_features) if self.compile else forward_features
+        with patched_forward_features(self.teacher, patch):  # restores an outer patch (a TeacherCache)
+            try:
+                yield self
+            finally:
+                self.cache.clear()
 
     def new_batch(self) -> None:
         self.cache.clear()
@@ -127,7 +116,7 @@ class SharedTeacher:
     def intact(self) -> bool:
         """False if a cached output was modified in place since it was computed (the entry is dropped,
         so the next method recomputes it)."""
-        broken = [k for k, e in self.cache.items() if [t._version for t in _tensors(e.output)] != e.versions]
+        broken = [k for k, e in self.cache.items() if [t._version for t in tensor_leaves(e.output)] != e.versions]
         for key in broken:
             del self.cache[key]
         return not broken
@@ -140,6 +129,7 @@ class LockstepResult:
     history: History
     error: BaseException | None = None
     teacher_passes: int = 0  # teacher passes computed for the whole group (each shared by its runs)
+    # the group's teacher cache report is in ``history.teacher_cache``
 
 
 @dataclass
@@ -253,7 +243,7 @@ def _guarded(member: _Member, slots: _RngSlots, fn: Callable[[], Any]) -> None:
 
 
 def _lockstep_epoch(epoch: int, group: list[_Member], loader, recipe: Recipe, shared: SharedTeacher,
-                    slots: _RngSlots) -> None:  # fmt: skip
+                    slots: _RngSlots, cache: TeacherCache | None) -> None:  # fmt: skip
     """One epoch of every member of ``group`` on the shared batches."""
     t0 = time.perf_counter()
     for member in group:
@@ -264,6 +254,8 @@ def _lockstep_epoch(epoch: int, group: list[_Member], loader, recipe: Recipe, sh
         x = prepare_batch(x, recipe)
         x_version = x._version
         shared.new_batch()
+        if cache is not None:
+            cache.bind(x, loader.last_index)
         for member in group:
             if not member.active:
                 continue
@@ -307,6 +299,11 @@ def fit_lockstep(
 
     Each run's ``epoch_s`` is its own step and evaluation time plus an equal share of the shared work
     (drawing the batch, the teacher pass), so the ``epoch_s`` of a group sum to its wall time.
+
+    Where the teacher cache applies to every run (``Task.teacher_cache``, :mod:`bench.teacher_cache`), one
+    :class:`~bench.teacher_cache.TeacherCache` under the per-batch :class:`SharedTeacher` serves the memo's
+    misses after the first epoch: the group runs the teacher once per batch of its first epoch only. Each
+    run's ``history.teacher_cache`` holds the group's report; ``teacher_passes`` counts real teacher passes.
     """
     recipes = [recipes] * len(methods) if isinstance(recipes, Recipe) else list(recipes)
     hooks = list(hooks) if hooks is not None else [None] * len(methods)
@@ -332,24 +329,33 @@ def fit_lockstep(
 
     loader = tasks[0].train_loader
     recipe0 = recipes[0]
+    cache_off = [m.run.teacher_cache_status for m in members if m.run.teacher_cache_status != "on"]
+    cache_status = cache_off[0] if cache_off else "on"  # on for all members or for none
+    for member in members:
+        member.run.teacher_cache_status = cache_status
+    cache = TeacherCache(teacher, loader.num_samples) if members and cache_status == "on" else None
     last = max((m.epochs for m in members), default=0)
     first_epoch = min((m.run.start for m in members), default=0)
     bar = progress_bar(progress, last, first_epoch, description)
 
     try:
-        with shared.active() if share else nullcontext():
+        with cache.active() if cache is not None else nullcontext(), shared.active() if share else nullcontext():
             for epoch in range(first_epoch, last):
                 group = [m for m in members if m.active and m.run.start <= epoch < m.epochs]
                 if group:
-                    _lockstep_epoch(epoch, group, loader, recipe0, shared, slots)
+                    _lockstep_epoch(epoch, group, loader, recipe0, shared, slots, cache)
                 if bar is not None:
                     bar.update(1)
     finally:
         slots.close()
         if bar is not None:
             bar.close()
+    report = cache.report() if cache is not None else CacheReport(cache_status)
     for result in results:
-        result.teacher_passes = shared.misses
+        # a memo miss is a teacher pass unless the cache served it
+        result.teacher_passes = shared.misses - (cache.hits if cache is not None else 0)
+    for member in members:
+        member.result.history.teacher_cache = report
     return results
 
 

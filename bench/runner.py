@@ -79,6 +79,7 @@ class RunOptions:
     address: str | None = None  # Ray cluster address (default: $RAY_ADDRESS, else a fresh local instance)
     live: bool | None = None  # refresh the suite's progress line in place (default: stdout is a terminal)
     share_teacher: bool | None = None  # lockstep groups (bench.lockstep); default: the suite's share_teacher
+    teacher_cache: bool = True  # cache a frozen teacher's outputs where no augmentation (bench.teacher_cache)
 
 
 @dataclass
@@ -193,9 +194,11 @@ def prepare_run(
     teacher_model,
     progress: bool,
     on_epoch=None,
+    teacher_cache: bool = True,
 ) -> PreparedRun:
     """Loaders, student and method of ``spec`` (around ``teacher_model`` for an offline method; an online
-    method builds its own teacher), seeded by the spec's seed."""
+    method builds its own teacher), seeded by the spec's seed. ``teacher_cache``: allow the teacher-output
+    cache (``bench.teacher_cache``; it turns itself on only where it cannot change the result)."""
     from methods import MethodContext, build_hparams, get_method
 
     cls = get_method(spec.method)
@@ -205,6 +208,7 @@ def prepare_run(
     task = build_task(
         splits, spec.fraction, spec.seed, spec.recipe, device,
         checkpoint_path=checkpoint, target_top1=spec.target_top1, progress=progress, description=spec.run_name,
+        teacher_cache=teacher_cache,
     )  # fmt: skip
     info = splits.info
     seed_everything(spec.seed)
@@ -222,6 +226,9 @@ def finish_run(run: PreparedRun, history, tracker: Tracker, teacher: TeacherReco
     spec, method = run.spec, run.method
     final = summary_metric_names(history.summary(spec.target_top1))
     final.update({k: float(v) for k, v in method.describe().items()})
+    if history.teacher_cache is not None:  # "on" / "off: <reason>", and its hits and misses
+        tracker.set_tags(run.run_id, history.teacher_cache.tags())
+        final.update(history.teacher_cache.metrics())
     if teacher is not None:
         final["teacher_top1"] = teacher.top1
         tracker.set_tags(run.run_id, teacher.tags())
@@ -270,6 +277,7 @@ def execute_spec(
     teacher: TeacherRecord | None,
     progress: bool = True,
     on_epoch=None,
+    teacher_cache: bool = True,
 ) -> tuple[str, dict[str, float]]:
     """Run one spec end to end inside its MLflow run; returns (status, final metrics).
 
@@ -280,7 +288,8 @@ def execute_spec(
     with ending_on_interrupt(tracker, lambda: [run_id]):
         try:
             teacher_model = offline_teacher(spec, teacher, splits)
-            run = prepare_run(spec, splits, tracker, run_id, resumed, run_dir, device, teacher_model, progress, on_epoch)
+            run = prepare_run(spec, splits, tracker, run_id, resumed, run_dir, device, teacher_model, progress, on_epoch,
+                              teacher_cache)  # fmt: skip
             history = run.method.fit(run.task, spec.recipe, run.hooks)
             return finish_run(run, history, tracker, teacher)
         except Exception as err:  # isolate: record and go on with the other runs
@@ -296,6 +305,7 @@ def execute_lockstep(
     teacher: TeacherRecord,
     progress: bool = True,
     on_epoch: Callable[[RunSpec, int, dict[str, float]], None] | None = None,
+    teacher_cache: bool = True,
 ) -> dict[str, tuple[str, dict[str, float]]]:
     """Run offline specs that share a teacher and batches in lockstep (:func:`bench.lockstep.fit_lockstep`):
     the teacher is loaded once and runs once per batch for all of them. Each spec keeps its own MLflow run
@@ -318,7 +328,7 @@ def execute_lockstep(
             hook = partial(on_epoch, spec) if on_epoch is not None else None
             try:
                 runs.append(prepare_run(spec, splits, tracker, run_id, resumed, run_dirs[spec.hash], device,
-                                        teacher_model, progress, hook))  # fmt: skip
+                                        teacher_model, progress, hook, teacher_cache))  # fmt: skip
             except Exception as err:
                 results[spec.hash] = fail_run(tracker, run_id, run_dirs[spec.hash], err)
         for run in runs[1:]:  # one loader object: the batches are drawn once for the group
@@ -352,6 +362,7 @@ def run_jobs(
     progress: bool = False,
     on_epoch: Callable[[RunSpec, int, dict[str, float]], None] | None = None,
     log: Callable[[str], None] = print,
+    teacher_cache: bool = True,
 ) -> list[Outcome]:
     """Run ``specs`` (one spec, or a lockstep group sharing ``teacher``) under their locks: a spec finished
     meanwhile (by the process we waited for) is SKIPPED, a spec whose teacher failed is recorded FAILED
@@ -375,9 +386,11 @@ def run_jobs(
         if len(todo) == 1:
             spec = todo[0]
             hook = partial(on_epoch, spec) if on_epoch is not None else None
-            results = {spec.hash: execute_spec(spec, splits, tracker, run_dirs[spec.hash], device, teacher, progress, hook)}
+            results = {spec.hash: execute_spec(spec, splits, tracker, run_dirs[spec.hash], device, teacher, progress, hook,
+                                               teacher_cache)}  # fmt: skip
         elif todo:
-            results = execute_lockstep(todo, splits, tracker, run_dirs, device, teacher, progress, on_epoch)
+            results = execute_lockstep(todo, splits, tracker, run_dirs, device, teacher, progress, on_epoch,
+                                       teacher_cache)  # fmt: skip
         for spec in todo:
             status, final = results[spec.hash]
             run_id = next((r.run_id for r in tracker.runs_for(spec.hash) if r.status == status), None)
@@ -654,6 +667,7 @@ def run_local(
                 specs, splits, tracker, suite_dir(options, suite) / "runs", device, teachers.get(tkey),
                 teacher_errors.get(tkey), options.rerun, options.progress,
                 on_epoch=lambda spec, epoch, _m: progress.epoch(spec.hash, epoch + 1), log=log,
+                teacher_cache=options.teacher_cache,
             ):  # fmt: skip
                 progress.end(outcome)
                 outcomes[outcome.key] = outcome
@@ -878,7 +892,7 @@ def tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         tune.report({**last[spec.hash], "kdb_spec": spec.hash})
 
     outcomes = run_jobs(specs, splits, tracker, ctx.run_root, device, teacher, teacher_error, opts.rerun, False,
-                        on_epoch, quiet)  # fmt: skip
+                        on_epoch, quiet, opts.teacher_cache)  # fmt: skip
     for spec, outcome in zip(specs, outcomes):
         if outcome.status == SKIPPED and ctx.metric and outcome.run_id:  # a scheduler needs the curve
             for step, value in enumerate(tracker.metric_history(outcome.run_id, ctx.metric), start=1):

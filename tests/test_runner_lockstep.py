@@ -75,7 +75,8 @@ def assert_same_results(a, b, name="share"):
 @pytest.fixture(scope="module")
 def separate(tmp_path_factory):
     results = tmp_path_factory.mktemp("separate")
-    report = run_suite(suite(share_teacher=False), RunOptions(results_dir=results, progress=False), log=lambda _: None)
+    options = RunOptions(results_dir=results, progress=False, teacher_cache=False)  # no fast path
+    report = run_suite(suite(share_teacher=False), options, log=lambda _: None)
     assert report.exit_code == 0
     return results
 
@@ -101,18 +102,21 @@ def test_share_teacher_must_be_a_boolean():
         suite(share_teacher="yes")
 
 
-def test_lockstep_runs_equal_separate_runs_and_are_tagged(separate, tmp_path):
-    lines = []
-    report = run_suite(suite(), RunOptions(results_dir=tmp_path, progress=False), log=lines.append)
+@pytest.mark.parametrize("cache", [True, False])
+def test_lockstep_runs_equal_separate_runs_and_are_tagged(separate, tmp_path, cache):
+    report = run_suite(suite(), RunOptions(results_dir=tmp_path, progress=False, teacher_cache=cache), log=print)
     assert report.exit_code == 0 and len(report.finished) == 4
     assert_same_results(separate, tmp_path)
     runs = finished_runs(tmp_path)
     shared = [r for r in runs.values() if "share_teacher" in r.tags]
     assert sorted(r.tags["mlflow.runName"].split(":")[0] for r in shared) == ["dkd", "kd", "srd"]
     assert {r.tags["share_teacher"] for r in shared} == {"lockstep group of 3"}
-    # one teacher pass per batch for the group: 3 epochs of ceil(0.3 * 1433 / 128) = 4 batches
-    assert {r.tags["teacher_passes"] for r in shared} == {"12"}
-    assert not any("share_teacher" in r.tags for r in runs.values() if r.tags["mlflow.runName"].startswith("ce"))
+    # one teacher pass per batch for the group: ceil(0.3 * 1433 / 128) = 4 batches an epoch, for 3 epochs, or
+    # (digits has no augmentation) for the first epoch only with the teacher cache
+    assert {r.tags["teacher_passes"] for r in shared} == {"4" if cache else "12"}
+    assert {r.tags["teacher_cache"] for r in shared} == {"on" if cache else "off: disabled (--no-teacher-cache)"}
+    ce = next(r for r in runs.values() if r.tags["mlflow.runName"].startswith("ce"))
+    assert "share_teacher" not in ce.tags
 
 
 def test_lockstep_through_ray_equals_separate_runs(separate, tmp_path):
