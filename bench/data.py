@@ -345,7 +345,7 @@ class TensorLoader:
 
 
 class FolderLoader:
-    """DataLoader over an ImageFolder split (worker processes, pinned memory), moved to the device."""
+    """DataLoader over an ImageFolder split (persistent worker processes, pinned memory), moved to the device."""
 
     def __init__(
         self,
@@ -377,7 +377,9 @@ class FolderLoader:
         self.device = torch.device(device)
         self.generator = torch.Generator()
         self.seed, self.train = seed, train
-        workers = min(8, os.cpu_count() or 1) if workers is None else workers
+        # default: as many workers as this process's CPU share (its torch threads: --cpus-per-run, a Ray
+        # trial's CPUs, else the machine's cores), at most 8
+        workers = min(8, torch.get_num_threads()) if workers is None else workers
         self.loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,

@@ -85,6 +85,20 @@ def test_image_folder_loader_yields_normalised_224_batches(tmp_path):
     assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32
 
 
+@pytest.mark.parametrize("threads, workers", [(1, 1), (3, 3), (16, 8)])
+def test_image_folder_workers_follow_the_process_cpu_share(tmp_path, threads, workers):
+    """A Ray trial (or --cpus-per-run) sets the torch threads to its CPUs: the loader's workers follow."""
+    write_image_folder(tmp_path / "imagewoof", num_classes=10, per_class=1, size=8)
+    splits = load_dataset("imagewoof", tmp_path)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loader = make_loader(splits.train, splits.info, None, 4, True, "auto", 0, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert loader.loader.num_workers == workers
+
+
 def test_image_folder_with_wrong_class_count_is_rejected(tmp_path):
     write_image_folder(tmp_path, num_classes=3, per_class=1, size=8)
     with pytest.raises(BenchError, match="3 classes, expected 10"):
