@@ -85,6 +85,7 @@ def test_image_folder_loader_yields_normalised_224_batches(tmp_path):
     assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # more workers than this machine's cores
 @pytest.mark.parametrize("threads, workers", [(1, 1), (3, 3), (16, 8)])
 def test_image_folder_workers_follow_the_process_cpu_share(tmp_path, threads, workers):
     """A Ray trial (or --cpus-per-run) sets the torch threads to its CPUs: the loader's workers follow."""
