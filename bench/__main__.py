@@ -56,6 +56,10 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="store a frozen teacher's per-sample outputs in the first epoch and reuse them, where "
                    "training has no random augmentation (digits; augment: none); results unchanged (default: on)")  # fmt: skip
+    p.add_argument("--device-data", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep tensor datasets (digits, CIFAR) on the training device as uint8 and augment batches "
+                   "there; --no-device-data keeps them in host memory and moves a batch per step; same batches "
+                   "(default: on)")  # fmt: skip
     _add_common(p)
 
 
@@ -115,7 +119,7 @@ def run_options(args, executor: str):
         rerun=args.rerun, tracking_uri=args.tracking_uri, teacher_dir=args.teacher_dir,
         progress=not args.no_progress and sys.stderr.isatty(), executor=executor, cpus_per_run=args.cpus_per_run,
         gpus_per_run=args.gpus_per_run, address=args.address, share_teacher=args.share_teacher,
-        teacher_cache=args.teacher_cache,
+        teacher_cache=args.teacher_cache, device_data=args.device_data,
     )  # fmt: skip
 
 

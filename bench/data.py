@@ -291,7 +291,12 @@ def random_crop_flip(
 
 
 class TensorLoader:
-    """Batches of a device-resident uint8 split, augmented and normalised on the device.
+    """Batches of a uint8 split, augmented and normalised on the training device.
+
+    ``resident`` (the default) keeps the split on the training device; ``resident=False`` keeps it in host
+    memory and moves one batch per step (``--no-device-data``: for a split that does not fit
+    beside the models). Both draw the order and the augmentation from the same CPU generator and apply them
+    with the same operations, so they yield the same batches.
 
     ``last_index`` holds the positions in the split (a CPU tensor) of the samples of the batch yielded
     last, whether or not ``with_indices`` is set (the teacher cache keys on it)."""
@@ -306,13 +311,15 @@ class TensorLoader:
         augment: str,
         seed: int,
         device: torch.device | str,
+        resident: bool = True,
     ) -> None:
         idx = torch.as_tensor(indices if indices is not None else np.arange(len(data)), dtype=torch.long)
-        self.images = data.images[idx].to(device)
+        self.device = torch.device(device)
+        self.resident = resident
+        self.images = data.images[idx].to(self.device) if self.resident else data.images[idx].contiguous()
         self.targets = data.targets[idx].to(device)
         self.num_samples = len(idx)
         self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
-        self.device = torch.device(device)
         self.padding = max(1, info.image_size // 8)
         self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
@@ -334,7 +341,8 @@ class TensorLoader:
         for start in range(0, n, self.batch_size):
             self.last_index = positions[start : start + self.batch_size]
             sel = order[start : start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
-            x = self.images[sel].float().div_(255)
+            rows = self.images[sel] if self.resident else self.images[self.last_index].to(self.device)
+            x = rows.float().div_(255)
             if self.train and self.augment != "none":
                 x = random_crop_flip(x, self.padding, self.augment == "crop_flip", gen)[0]
             batch = ((x - self.mean) / self.std, self.targets[sel])
@@ -402,6 +410,16 @@ class FolderLoader:
             yield (*batch, index.to(self.device, non_blocking=True)) if self.with_indices else batch
 
 
+def describe_loader(loader: Loader) -> str:
+    """How a loader feeds the device, for the run's MLflow tag ``data``."""
+    if isinstance(loader, TensorLoader):
+        where = "on the device" if loader.resident else "in host memory, one batch moved per step"
+        return f"uint8 tensors {where} ({loader.device.type}), batched augmentation"
+    if isinstance(loader, FolderLoader):
+        return f"DataLoader over image files, {loader.loader.num_workers} worker(s)"
+    return type(loader).__name__
+
+
 class _WithIndex(torch.utils.data.Dataset):
     """A dataset whose items also carry their position (for loaders' ``with_indices``)."""
 
@@ -425,9 +443,13 @@ def make_loader(
     augment: str,
     seed: int,
     device: torch.device | str,
+    device_data: bool = True,
 ) -> Loader:
+    """A ``TensorLoader`` for a tensor split (on the device unless ``device_data`` is false), else a
+    ``FolderLoader``."""
     if augment not in AUGMENTATIONS + ("auto",):
         raise BenchError(f"unknown augment {augment!r} (known: auto, {', '.join(AUGMENTATIONS)})")
     augment = info.default_augment if augment == "auto" else augment
-    cls = TensorLoader if isinstance(data, TensorImages) else FolderLoader
-    return cls(data, info, indices, batch_size, train, augment, seed, device)
+    if isinstance(data, TensorImages):
+        return TensorLoader(data, info, indices, batch_size, train, augment, seed, device, resident=device_data)
+    return FolderLoader(data, info, indices, batch_size, train, augment, seed, device)

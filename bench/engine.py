@@ -341,6 +341,7 @@ def build_task(
     progress: bool = True,
     description: str = "",
     teacher_cache: bool = False,
+    device_data: bool = True,
 ) -> Task:
     """Loaders for one run: a stratified ``fraction`` of the training pool (after carving the seeded
     validation split when ``recipe.val_fraction`` > 0), the test split, and the validation split."""
@@ -353,7 +354,8 @@ def build_task(
 
     def loader(data, indices, train: bool) -> Loader:
         bs = recipe.batch_size if train else recipe.eval_batch_size
-        return make_loader(data, info, indices, bs, train, recipe.augment if train else "none", seed, device)
+        return make_loader(data, info, indices, bs, train, recipe.augment if train else "none", seed, device,
+                           device_data)  # fmt: skip
 
     eval_loaders = {"test": loader(splits.test, None, False)}
     if len(val):

@@ -191,7 +191,7 @@ def _same_batches(a, b) -> bool:
         return True
     if not (isinstance(a, TensorLoader) and isinstance(b, TensorLoader)):
         return False
-    keys = ("num_samples", "batch_size", "seed", "train", "augment", "padding", "device")
+    keys = ("num_samples", "batch_size", "seed", "train", "augment", "padding", "device", "resident")
     if any(getattr(a, k) != getattr(b, k) for k in keys):
         return False
     return all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("images", "targets", "mean", "std"))

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from bench.calibration import final_calibration
-from bench.data import Splits, data_root, load_dataset
+from bench.data import Splits, data_root, describe_loader, load_dataset
 from bench.engine import History, Task, atomic_save, build_task, pick_device, seed_everything
 from bench.errors import BenchError
 from bench.lockstep import LockstepResult, fit_lockstep, lockstep_groups, lockstep_key
@@ -79,7 +79,22 @@ class RunOptions:
     address: str | None = None  # Ray cluster address (default: $RAY_ADDRESS, else a fresh local instance)
     live: bool | None = None  # refresh the suite's progress line in place (default: stdout is a terminal)
     share_teacher: bool | None = None  # lockstep groups (bench.lockstep); default: the suite's share_teacher
-    teacher_cache: bool = True  # cache a frozen teacher's outputs where no augmentation (bench.teacher_cache)
+    teacher_cache: bool = True  # FastPaths.teacher_cache
+    device_data: bool = True  # FastPaths.device_data
+
+    @property
+    def fast(self) -> "FastPaths":
+        return FastPaths(self.teacher_cache, self.device_data)
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Speed switches that change no result, so they are not part of a run's hash (unlike ``recipe.amp``,
+    ``channels_last``, ``compile``): each is on by default, has a CLI switch and is tagged in the MLflow run.
+    Lockstep groups (``share_teacher``) are the third; they are planned per suite, not per run."""
+
+    teacher_cache: bool = True  # a frozen teacher's per-sample outputs reused where no augmentation
+    device_data: bool = True  # tensor datasets (digits, CIFAR) live on the training device, else in host memory
 
 
 @dataclass
@@ -194,11 +209,11 @@ def prepare_run(
     teacher_model,
     progress: bool,
     on_epoch=None,
-    teacher_cache: bool = True,
+    fast: FastPaths = FastPaths(),
 ) -> PreparedRun:
     """Loaders, student and method of ``spec`` (around ``teacher_model`` for an offline method; an online
-    method builds its own teacher), seeded by the spec's seed. ``teacher_cache``: allow the teacher-output
-    cache (``bench.teacher_cache``; it turns itself on only where it cannot change the result)."""
+    method builds its own teacher), seeded by the spec's seed; the ``fast`` paths that change no result
+    are tagged in the MLflow run."""
     from methods import MethodContext, build_hparams, get_method
 
     cls = get_method(spec.method)
@@ -208,8 +223,9 @@ def prepare_run(
     task = build_task(
         splits, spec.fraction, spec.seed, spec.recipe, device,
         checkpoint_path=checkpoint, target_top1=spec.target_top1, progress=progress, description=spec.run_name,
-        teacher_cache=teacher_cache,
+        teacher_cache=fast.teacher_cache, device_data=fast.device_data,
     )  # fmt: skip
+    tracker.set_tags(run_id, {"data": describe_loader(task.train_loader)})
     info = splits.info
     seed_everything(spec.seed)
     student = create_model(spec.student, info.num_classes, info.in_channels)
@@ -277,7 +293,7 @@ def execute_spec(
     teacher: TeacherRecord | None,
     progress: bool = True,
     on_epoch=None,
-    teacher_cache: bool = True,
+    fast: FastPaths = FastPaths(),
 ) -> tuple[str, dict[str, float]]:
     """Run one spec end to end inside its MLflow run; returns (status, final metrics).
 
@@ -289,7 +305,7 @@ def execute_spec(
         try:
             teacher_model = offline_teacher(spec, teacher, splits)
             run = prepare_run(spec, splits, tracker, run_id, resumed, run_dir, device, teacher_model, progress, on_epoch,
-                              teacher_cache)  # fmt: skip
+                              fast)  # fmt: skip
             history = run.method.fit(run.task, spec.recipe, run.hooks)
             return finish_run(run, history, tracker, teacher)
         except Exception as err:  # isolate: record and go on with the other runs
@@ -305,7 +321,7 @@ def execute_lockstep(
     teacher: TeacherRecord,
     progress: bool = True,
     on_epoch: Callable[[RunSpec, int, dict[str, float]], None] | None = None,
-    teacher_cache: bool = True,
+    fast: FastPaths = FastPaths(),
 ) -> dict[str, tuple[str, dict[str, float]]]:
     """Run offline specs that share a teacher and batches in lockstep (:func:`bench.lockstep.fit_lockstep`):
     the teacher is loaded once and runs once per batch for all of them. Each spec keeps its own MLflow run
@@ -328,7 +344,7 @@ def execute_lockstep(
             hook = partial(on_epoch, spec) if on_epoch is not None else None
             try:
                 runs.append(prepare_run(spec, splits, tracker, run_id, resumed, run_dirs[spec.hash], device,
-                                        teacher_model, progress, hook, teacher_cache))  # fmt: skip
+                                        teacher_model, progress, hook, fast))  # fmt: skip
             except Exception as err:
                 results[spec.hash] = fail_run(tracker, run_id, run_dirs[spec.hash], err)
         for run in runs[1:]:  # one loader object: the batches are drawn once for the group
@@ -362,7 +378,7 @@ def run_jobs(
     progress: bool = False,
     on_epoch: Callable[[RunSpec, int, dict[str, float]], None] | None = None,
     log: Callable[[str], None] = print,
-    teacher_cache: bool = True,
+    fast: FastPaths = FastPaths(),
 ) -> list[Outcome]:
     """Run ``specs`` (one spec, or a lockstep group sharing ``teacher``) under their locks: a spec finished
     meanwhile (by the process we waited for) is SKIPPED, a spec whose teacher failed is recorded FAILED
@@ -387,10 +403,10 @@ def run_jobs(
             spec = todo[0]
             hook = partial(on_epoch, spec) if on_epoch is not None else None
             results = {spec.hash: execute_spec(spec, splits, tracker, run_dirs[spec.hash], device, teacher, progress, hook,
-                                               teacher_cache)}  # fmt: skip
+                                               fast)}  # fmt: skip
         elif todo:
             results = execute_lockstep(todo, splits, tracker, run_dirs, device, teacher, progress, on_epoch,
-                                       teacher_cache)  # fmt: skip
+                                       fast)  # fmt: skip
         for spec in todo:
             status, final = results[spec.hash]
             run_id = next((r.run_id for r in tracker.runs_for(spec.hash) if r.status == status), None)
@@ -667,7 +683,7 @@ def run_local(
                 specs, splits, tracker, suite_dir(options, suite) / "runs", device, teachers.get(tkey),
                 teacher_errors.get(tkey), options.rerun, options.progress,
                 on_epoch=lambda spec, epoch, _m: progress.epoch(spec.hash, epoch + 1), log=log,
-                teacher_cache=options.teacher_cache,
+                fast=options.fast,
             ):  # fmt: skip
                 progress.end(outcome)
                 outcomes[outcome.key] = outcome
@@ -892,7 +908,7 @@ def tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         tune.report({**last[spec.hash], "kdb_spec": spec.hash})
 
     outcomes = run_jobs(specs, splits, tracker, ctx.run_root, device, teacher, teacher_error, opts.rerun, False,
-                        on_epoch, quiet, opts.teacher_cache)  # fmt: skip
+                        on_epoch, quiet, opts.fast)  # fmt: skip
     for spec, outcome in zip(specs, outcomes):
         if outcome.status == SKIPPED and ctx.metric and outcome.run_id:  # a scheduler needs the curve
             for step, value in enumerate(tracker.metric_history(outcome.run_id, ctx.metric), start=1):

@@ -49,6 +49,25 @@ def test_batched_crop_flip_equals_torchvision_per_sample(channels, size, padding
         torch.testing.assert_close(out[i], T.ToTensor()(ref), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("augment, train, with_indices", [("crop_flip", True, True), ("none", True, False),
+                                                         ("none", False, True)])  # fmt: skip
+def test_host_memory_loader_yields_the_same_batches(augment, train, with_indices):
+    """--no-device-data: the split stays in host memory and each batch is moved to the device; the order,
+    the augmentation and the batches are those of the device-resident loader."""
+    rng = np.random.default_rng(1)
+    split = TensorImages(torch.from_numpy(rng.integers(0, 256, (50, 3, 32, 32), dtype=np.uint8)), torch.arange(50))
+    info = data.DatasetInfo("c", 10, 3, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "crop_flip")
+    indices = np.arange(3, 50, 2)
+    loaders = [TensorLoader(split, info, indices, 8, train, augment, 3, "cpu", resident=r) for r in (True, False)]
+    for loader in loaders:
+        loader.with_indices = with_indices
+        loader.set_epoch(1)
+    assert not loaders[1].resident and data.describe_loader(loaders[1]).startswith("uint8 tensors in host memory")
+    for a, b in zip(*loaders, strict=True):
+        for ta, tb in zip(a, b, strict=True):
+            assert torch.equal(ta, tb)
+
+
 def test_crop_only_never_flips():
     images = torch.rand(16, 3, 32, 32)
     _, _, flips = random_crop_flip(images, 4, False, torch.Generator().manual_seed(0))

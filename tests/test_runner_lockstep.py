@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import yaml
 
+from bench.__main__ import main
 from bench.data import load_dataset
 from bench.runner import (
     FAILED,
@@ -74,10 +76,17 @@ def assert_same_results(a, b, name="share"):
 
 @pytest.fixture(scope="module")
 def separate(tmp_path_factory):
+    """The reference: every fast path that changes no result switched off on the command line."""
     results = tmp_path_factory.mktemp("separate")
-    options = RunOptions(results_dir=results, progress=False, teacher_cache=False)  # no fast path
-    report = run_suite(suite(share_teacher=False), options, log=lambda _: None)
-    assert report.exit_code == 0
+    path = results / "share.yaml"
+    path.write_text(yaml.safe_dump(SUITE))
+    code = main(["run", str(path), "--executor", "local", "--results", str(results), "--no-progress",
+                 "--no-share-teacher", "--no-teacher-cache", "--no-device-data"])  # fmt: skip
+    assert code == 0
+    runs = finished_runs(results).values()
+    assert not any("share_teacher" in r.tags for r in runs)
+    assert {r.tags["data"] for r in runs} == {"uint8 tensors in host memory, one batch moved per step (cpu), "
+                                              "batched augmentation"}  # fmt: skip
     return results
 
 
@@ -117,6 +126,8 @@ def test_lockstep_runs_equal_separate_runs_and_are_tagged(separate, tmp_path, ca
     assert {r.tags["teacher_cache"] for r in shared} == {"on" if cache else "off: disabled (--no-teacher-cache)"}
     ce = next(r for r in runs.values() if r.tags["mlflow.runName"].startswith("ce"))
     assert "share_teacher" not in ce.tags
+    assert ce.tags["teacher_cache"].startswith("off: teacher mode is 'none'" if cache else "off: disabled")
+    assert {r.tags["data"] for r in runs.values()} == {"uint8 tensors on the device (cpu), batched augmentation"}
 
 
 def test_lockstep_through_ray_equals_separate_runs(separate, tmp_path):
