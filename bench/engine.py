@@ -149,6 +149,32 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_MALLOC_TUNING: str | None = None  # what keep_freed_host_memory did in this process
+
+
+def keep_freed_host_memory(threshold: int = 1 << 30) -> str:
+    """On glibc, stop returning freed blocks below ``threshold`` to the OS (``mallopt`` M_MMAP_THRESHOLD and
+    M_TRIM_THRESHOLD, both: raising only the trim threshold makes it worse). By default glibc hands large
+    freed blocks (a batch's activations) back and page-faults them in again on the next step: a CPU KD step
+    took ~3× the page faults of torchdistill's loop and ran ~1.15× slower for it (``tests/benchmarks``).
+    Changes no result; the process keeps up to ``threshold`` of freed memory. Once per process; opt out with
+    ``KDBENCH_MALLOC_TUNING=0``. Returns ``"on"`` or ``"off: <why>"`` (the runs' MLflow tag)."""
+    global _MALLOC_TUNING
+    if _MALLOC_TUNING is None:
+        import ctypes
+        import platform
+
+        if os.environ.get("KDBENCH_MALLOC_TUNING", "1") == "0":
+            _MALLOC_TUNING = "off: KDBENCH_MALLOC_TUNING=0"
+        elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+            _MALLOC_TUNING = "off: not glibc"
+        else:
+            libc = ctypes.CDLL("libc.so.6")
+            ok = libc.mallopt(-3, threshold) == 1 and libc.mallopt(-1, threshold) == 1  # MMAP, then TRIM
+            _MALLOC_TUNING = "on" if ok else "off: mallopt refused"
+    return _MALLOC_TUNING
+
+
 def make_optimizer(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, nesterov=recipe.nesterov
@@ -215,6 +241,7 @@ class TrainingRun:
 
     def __init__(self, method, task: Task, recipe: Recipe, hooks: Hooks | None = None) -> None:
         self.method, self.task, self.recipe, self.hooks = method, task, recipe, hooks
+        keep_freed_host_memory()
         method.to(task.device)
         if recipe.channels_last:
             method.to(memory_format=torch.channels_last)

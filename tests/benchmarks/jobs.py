@@ -19,7 +19,8 @@ from bench.data import DatasetInfo, Splits, TensorImages, TensorLoader, load_dat
 from bench.engine import Recipe, Task, build_task, fit, seed_everything
 from bench.lockstep import fit_lockstep
 from bench.models import create_model
-from methods import MethodContext, get_method
+from bench.suites import expand, load_suite
+from methods import MethodContext, build_hparams, get_method
 from methods.kd import kd_loss
 
 CIFAR100 = DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), "crop_flip")
@@ -51,15 +52,26 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def build_method(name: str, teacher_name: str, student_name: str, num_train: int, teacher=None, hparams=None, seed=0):
-    """A registered method on random-init CIFAR-100 models (a frozen random teacher costs the same)."""
+def build_method(
+    name: str,
+    teacher_name: str,
+    student_name: str,
+    num_train: int,
+    teacher=None,
+    hparams=None,
+    seed=0,
+    info: DatasetInfo = CIFAR100,
+    epochs: int = 240,
+):
+    """A registered method on random-init models for ``info`` (default CIFAR-100; a frozen random teacher
+    costs the same as a trained one)."""
     cls = get_method(name)
     seed_everything(seed)
     if teacher is None and cls.teacher_mode != "none":
-        teacher = create_model(teacher_name, CIFAR100.num_classes, 3)
-    student = create_model(student_name, CIFAR100.num_classes, 3)
+        teacher = create_model(teacher_name, info.num_classes, info.in_channels)
+    student = create_model(student_name, info.num_classes, info.in_channels)
     hp = hparams if hparams is not None else cls.Hparams()
-    return cls(student, teacher, hp, MethodContext(CIFAR100, num_train, 240))
+    return cls(student, teacher, hp, MethodContext(info, num_train, epochs))
 
 
 def one_epoch(recipe: Recipe) -> Recipe:
@@ -94,6 +106,39 @@ def bare_epoch(student, teacher, loader, recipe: Recipe, temperature=4.0, ce_wei
 
 
 # ---- against a peer: the same KD job through torchdistill ------------------------------------------
+# kdbench recipes of the peer benchmark, by label: the switches turned on over the reference recipe.
+# "reference" is the same fp32 NCHW computation as torchdistill's; the others are kdbench switches
+# that change the float computation (NHWC reorders the convolutions' sums, amp computes in bf16), so
+# their rows say so and never stand in for the reference ratio.
+PEER_RECIPES: dict[str, dict[str, bool]] = {
+    "reference": {},
+    "channels_last": {"channels_last": True},
+    "amp": {"amp": True},
+    "amp+channels_last": {"amp": True, "channels_last": True},
+}
+PEER_RECIPE_NOTES = {
+    "reference": "reference recipe: the same fp32 NCHW computation",
+    "channels_last": "--channels-last switch: NHWC, conv sums reordered; torchdistill NCHW",
+    "amp": "--amp switch: bf16 autocast; torchdistill fp32",
+    "amp+channels_last": "--amp --channels-last switches: bf16 NHWC; torchdistill fp32 NCHW",
+}
+
+
+def peer_recipes() -> list[str]:
+    """The kdbench recipes the CIFAR peer benchmark runs: ``KDBENCH_PEER_RECIPES`` (comma-separated labels
+    of :data:`PEER_RECIPES`), default ``reference,channels_last``."""
+    spec = os.environ.get("KDBENCH_PEER_RECIPES", "reference,channels_last")
+    labels = [x.strip() for x in spec.split(",") if x.strip()]
+    unknown = [x for x in labels if x not in PEER_RECIPES]
+    if unknown:
+        raise ValueError(f"KDBENCH_PEER_RECIPES: unknown {unknown} (known: {', '.join(PEER_RECIPES)})")
+    return labels
+
+
+def peer_recipe(label: str, **base) -> Recipe:
+    return Recipe(**base, **PEER_RECIPES[label])
+
+
 def torchdistill_available() -> str | None:
     """None if torchdistill 1.1.5 imports, else why not."""
     try:
@@ -117,14 +162,11 @@ def cifar_fixture(root: Path, per_class: int) -> Splits:
     return load_dataset("cifar100", root)
 
 
-def torchdistill_box(root: Path, teacher, student, recipe: Recipe, workers: int):
-    """torchdistill's ``DistillationBox`` for the KD job, configured as its sample CIFAR configs are:
-    torchvision ``CIFAR100`` with RandomCrop(32, 4) + RandomHorizontalFlip + ToTensor + Normalize in a
-    DataLoader, ``KDLoss`` (α=0.1 CE + 0.9 T²·KL, T=4), SGD and MultiStepLR."""
+def torchdistill_cifar(root: Path):
+    """The CIFAR-100 fixture as torchdistill's sample CIFAR configs read it: torchvision ``CIFAR100`` with
+    RandomCrop(32, 4) + RandomHorizontalFlip + ToTensor + Normalize per sample."""
     import torchvision
     from torchvision import transforms as T
-    import torchdistill.core.interfaces.forward_proc  # noqa: F401  (registers the forward processes)
-    from torchdistill.core.distillation import DistillationBox
 
     class FixtureCIFAR100(torchvision.datasets.CIFAR100):
         # the fixture is in the real format but not the real files: skip the md5 checks
@@ -137,10 +179,26 @@ def torchdistill_box(root: Path, teacher, student, recipe: Recipe, workers: int)
 
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(CIFAR100.mean, CIFAR100.std)])  # fmt: skip
-    dataset = FixtureCIFAR100(str(root), train=True, download=False, transform=transform)
+    return FixtureCIFAR100(str(root), train=True, download=False, transform=transform)
+
+
+def torchdistill_tensors(loader: TensorLoader) -> torch.utils.data.TensorDataset:
+    """The training samples of a no-augmentation ``TensorLoader`` as a plain torch Dataset of the same
+    normalised float tensors (the loader's own arithmetic, applied once to the whole split)."""
+    x = loader.images.float().div_(255)
+    return torch.utils.data.TensorDataset((x - loader.mean) / loader.std, loader.targets)
+
+
+def torchdistill_box(dataset, teacher, student, recipe: Recipe, workers: int):
+    """torchdistill's ``DistillationBox`` for the KD job on ``dataset``, configured as its sample CIFAR
+    configs are: the dataset in a DataLoader (RandomSampler), ``KDLoss`` (α=0.1 CE + 0.9 T²·KL, T=4), SGD
+    and MultiStepLR (``recipe``'s batch size, optimizer and schedule)."""
+    import torchdistill.core.interfaces.forward_proc  # noqa: F401  (registers the forward processes)
+    from torchdistill.core.distillation import DistillationBox
+
     teacher.eval()
     config = {
-        "num_epochs": 1,
+        "num_epochs": recipe.epochs,
         "train_data_loader": {
             "dataset_id": "train",
             "sampler": {"class_or_func": torch.utils.data.RandomSampler, "kwargs": {}},
@@ -173,6 +231,30 @@ def torchdistill_epoch(box, epoch: int = 0) -> None:
     box.post_epoch_process()
 
 
+def torchdistill_epochs(box, epochs: int) -> None:
+    for epoch in range(epochs):
+        torchdistill_epoch(box, epoch)
+
+
+def mini_kd_job(epochs: int | None = None, teacher_cache: bool = True):
+    """The ``mini`` suite's KD job on digits (resnet20→resnet8, fraction 1, seed 0): its task (no
+    evaluation split, ``task.teacher_cache`` as given), a method on random-init models and the recipe
+    (``epochs`` overrides the suite's, keeping the milestones below it)."""
+    suite = load_suite("mini")
+    spec = next(s for s in expand(suite) if s.method == "kd" and (s.teacher, s.student) == ("resnet20", "resnet8")
+                and s.fraction == 1.0 and s.seed == 0)  # fmt: skip
+    recipe = spec.recipe
+    if epochs is not None:
+        recipe = dataclasses.replace(recipe, epochs=epochs, milestones=[m for m in recipe.milestones if m < epochs])
+    splits = load_dataset(suite.dataset)
+    task = build_task(splits, spec.fraction, spec.seed, recipe, CPU, progress=False, teacher_cache=teacher_cache)
+    task.eval_loaders = {}  # training only, as the torchdistill side
+    hp = build_hparams("kd", spec.hparams, spec.label)
+    method = build_method("kd", spec.teacher, spec.student, task.train_loader.num_samples, hparams=hp,
+                          seed=spec.seed, info=splits.info, epochs=recipe.epochs)  # fmt: skip
+    return task, method, recipe
+
+
 # ---- shared teacher: k offline methods in lockstep vs separately ------------------------------------
 def shared_teacher_methods() -> list[tuple[str, dict]]:
     """The k offline methods (name, hparams) of the shared-teacher benchmark: ``KDBENCH_SHARED_METHODS``
@@ -188,8 +270,6 @@ def shared_teacher_methods() -> list[tuple[str, dict]]:
 
 def shared_group(teacher_name: str, student_name: str, data: TensorImages, recipe: Recipe, methods):
     """k methods around one teacher module and their k tasks (one loader, as the runner would share)."""
-    from methods import build_hparams
-
     seed_everything(0)
     teacher = create_model(teacher_name, CIFAR100.num_classes, 3)
     loader = train_loader(data, recipe.batch_size)
