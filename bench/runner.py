@@ -41,7 +41,15 @@ import torch
 
 from bench.calibration import final_calibration
 from bench.data import Splits, data_root, describe_loader, load_dataset
-from bench.engine import History, Task, atomic_save, build_task, pick_device, seed_everything
+from bench.engine import (
+    History,
+    Task,
+    atomic_save,
+    build_task,
+    keep_freed_host_memory,
+    pick_device,
+    seed_everything,
+)
 from bench.errors import BenchError
 from bench.lockstep import LockstepResult, fit_lockstep, lockstep_groups, lockstep_key
 from bench.models import create_model
@@ -225,7 +233,7 @@ def prepare_run(
         checkpoint_path=checkpoint, target_top1=spec.target_top1, progress=progress, description=spec.run_name,
         teacher_cache=fast.teacher_cache, device_data=fast.device_data,
     )  # fmt: skip
-    tracker.set_tags(run_id, {"data": describe_loader(task.train_loader)})
+    tracker.set_tags(run_id, {"data": describe_loader(task.train_loader), "malloc_tuning": keep_freed_host_memory()})
     info = splits.info
     seed_everything(spec.seed)
     student = create_model(spec.student, info.num_classes, info.in_channels)

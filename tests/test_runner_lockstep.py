@@ -128,6 +128,7 @@ def test_lockstep_runs_equal_separate_runs_and_are_tagged(separate, tmp_path, ca
     assert "share_teacher" not in ce.tags
     assert ce.tags["teacher_cache"].startswith("off: teacher mode is 'none'" if cache else "off: disabled")
     assert {r.tags["data"] for r in runs.values()} == {"uint8 tensors on the device (cpu), batched augmentation"}
+    assert {r.tags["malloc_tuning"] for r in runs.values()} == {"on"}  # Linux/glibc, as this machine and CI
 
 
 def test_lockstep_through_ray_equals_separate_runs(separate, tmp_path):
