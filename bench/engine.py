@@ -332,7 +332,7 @@ def fit(method, task: Task, recipe: Recipe, hooks: Hooks | None = None) -> Histo
     loader = task.train_loader
     cache = None
     if run.teacher_cache_status == "on":
-        cache = TeacherCache(method.teacher, loader.num_samples)
+        cache = TeacherCache(method.teacher, loader.num_samples, loader.batch_size)
     bar = progress_bar(task.progress, recipe.epochs, run.start, task.description or method.name)
     try:
         with cache.active() if cache is not None else nullcontext():

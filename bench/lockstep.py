@@ -333,7 +333,7 @@ def fit_lockstep(
     cache_status = cache_off[0] if cache_off else "on"  # on for all members or for none
     for member in members:
         member.run.teacher_cache_status = cache_status
-    cache = TeacherCache(teacher, loader.num_samples) if members and cache_status == "on" else None
+    cache = TeacherCache(teacher, loader.num_samples, loader.batch_size) if members and cache_status == "on" else None
     last = max((m.epochs for m in members), default=0)
     first_epoch = min((m.run.start for m in members), default=0)
     bar = progress_bar(progress, last, first_epoch, description)
@@ -352,8 +352,8 @@ def fit_lockstep(
             bar.close()
     report = cache.report() if cache is not None else CacheReport(cache_status)
     for result in results:
-        # a memo miss is a teacher pass unless the cache served it
-        result.teacher_passes = shared.misses - (cache.hits if cache is not None else 0)
+        # every memo miss reaches the cache when there is one, which counts its own real passes
+        result.teacher_passes = cache.passes if cache is not None else shared.misses
     for member in members:
         member.result.history.teacher_cache = report
     return results

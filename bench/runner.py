@@ -1085,7 +1085,8 @@ def run_ray(
             if spec.teacher_spec is not None:
                 first.setdefault(spec.teacher_spec.hash, TeacherJob(spec))
         slots = parallel_slots(resources)
-        planned = plan_jobs(pending, share_teacher(suite, options), slots)
+        # the longest jobs (lockstep groups) first, so that none of them is left to run alone at the end
+        planned = sorted(plan_jobs(pending, share_teacher(suite, options), slots), key=lambda j: -len(job_specs(j)))
         groups = [j for j in planned if isinstance(j, LockstepJob)]
         if groups:
             log(f"sharing the teacher pass: {sum(len(g.specs) for g in groups)} runs in {len(groups)} lockstep "

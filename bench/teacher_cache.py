@@ -14,12 +14,16 @@
 **Why it cannot change the method.** A frozen teacher in eval mode is a fixed function of its input applied
 to each sample independently (batch norm uses its running statistics), and without random augmentation its
 input for sample i is the same every epoch. So ``teacher.forward_features`` of a training batch equals the
-rows of the batch's samples in what it returned in an earlier epoch, up to float rounding (a convolution's
-accumulation order can depend on the batch composition; ``tests/test_teacher_cache.py`` bounds the
-difference). The cache serves a stored output only where that holds: for the very tensor object that is the
-current training batch (bound by the training loop, unmodified since: same ``_version``), with gradients and
-autocast off, without extra arguments, with the teacher in eval mode, and only when every row of the batch
-was stored. Any other call (evaluation, a method running the teacher on a transformed or noised input, a call
+rows of the batch's samples in what it returned in an earlier epoch. Bit for bit only at the same batch
+size: the convolution kernels are chosen by shape, and e.g. oneDNN computes a batch of one with another
+accumulation order than a batch of 64 (measured: 1e-6 apart, which 15 epochs of training amplify into a
+different final accuracy). So the cache stores and serves full batches only (``batch_size`` rows); the last,
+smaller batch of an epoch always runs the teacher. At a fixed batch size a sample's output does not depend on
+the other samples of the batch (``tests/test_teacher_cache.py`` checks equality bit for bit, also when the
+last batch holds one sample). The cache serves a stored output only where all that holds: for the very
+tensor object that is the current training batch (bound by the training loop, unmodified since: same
+``_version``), of ``batch_size`` rows, with gradients and autocast off, without extra arguments, with the
+teacher in eval mode, and only when every row of the batch was stored. Any other call (evaluation, a method running the teacher on a transformed or noised input, a call
 with gradients) goes to the real teacher. Stored rows are copies and served rows are fresh gathers, so a
 method that edits a teacher output in place cannot alter the cache. The cache holds no state worth
 checkpointing: a resumed run refills it in its first epoch.
@@ -110,6 +114,12 @@ def memory_budget(device: torch.device, budget_bytes: int | None = None) -> int:
 
 
 @torch.no_grad()
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def sample_bytes(teacher: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> int:
     """Bytes of ``teacher.forward_features`` for one sample (one teacher pass on one zero input)."""
     param = next(teacher.parameters(), None)
@@ -190,9 +200,9 @@ class TeacherCache:
     output's device, dtype and memory format) is allocated at the first stored batch.
     """
 
-    def __init__(self, teacher: nn.Module, num_samples: int, status: str = "on") -> None:
+    def __init__(self, teacher: nn.Module, num_samples: int, batch_size: int, status: str = "on") -> None:
         self.teacher = teacher
-        self.num_samples = num_samples
+        self.num_samples, self.batch_size = num_samples, batch_size
         self.status = status
         self.template: Any = None  # the first stored output: the structure to rebuild
         self.storage: list[Tensor] = []
@@ -203,6 +213,7 @@ class TeacherCache:
         self.index: Tensor | None = None  # CPU positions of the bound batch
         self.device_index: Tensor | None = None
         self.hits = self.misses = self.bypassed = 0
+        self.passes = 0  # real teacher passes made through the cache (stored, padded or bypassed)
 
     def report(self) -> CacheReport:
         return CacheReport(self.status, self.hits, self.misses, self.bypassed)
@@ -229,8 +240,11 @@ class TeacherCache:
             self.device_index = self.index.to(device, non_blocking=True)
         return self.device_index
 
-    def _store(self, output: Any) -> None:
+    def _store(self, output: Any, rows: int | None = None) -> None:
+        """Store the output's rows for the bound batch's samples (its first ``rows`` rows: a padded pass)."""
         leaves = tensor_leaves(output)
+        if leaves and all(t.dim() > 0 for t in leaves) and rows is not None:
+            leaves = [t[:rows] for t in leaves]
         if not leaves or any(t.dim() == 0 or t.shape[0] != len(self.index) for t in leaves):
             self.status = "off: the teacher output is not one row per sample"
             return
@@ -260,12 +274,26 @@ class TeacherCache:
         def forward_features(x: Tensor, *args, **kwargs):
             if not self._serves(x, args, kwargs):
                 self.bypassed += 1
+                self.passes += 1
                 return original(x, *args, **kwargs)
-            if self.template is not None and bool(self.filled[self.index].all()):
+            stored = self.template is not None and bool(self.filled[self.index].all())
+            if len(self.index) != self.batch_size:  # the last, smaller batch: always the real teacher
+                self.bypassed += 1
+                self.passes += 1
+                output = original(x)
+                if not stored:  # store its rows as computed in a full-size batch (the size they are served at)
+                    self.misses += 1
+                    self.passes += 1
+                    repeats = -(-self.batch_size // len(self.index))
+                    padded = x.repeat(repeats, *[1] * (x.dim() - 1))[: self.batch_size]
+                    self._store(original(padded.contiguous(memory_format=_memory_format(x))), rows=len(self.index))
+                return output
+            if stored:
                 self.hits += 1
                 return self._gather()
             output = original(x)
             self.misses += 1
+            self.passes += 1
             self._store(output)
             return output
 
