@@ -14,12 +14,18 @@ from pathlib import Path
 SLOWDOWN = 0.10  # a median slower than the previous run's by more than this is flagged (and fails nightly)
 
 
+def medians(run: dict) -> dict[str, float]:
+    return {b["fullname"]: b["stats"]["median"] for b in run.get("benchmarks", [])}
+
+
 def previous_run(storage: Path, current: dict) -> dict | None:
-    """The latest run saved in ``storage`` other than ``current`` (pytest-benchmark's autosave layout)."""
+    """The latest run saved in ``storage`` other than ``current`` (pytest-benchmark's autosave layout). The
+    autosaved copy of ``current`` carries a slightly different ``datetime`` than ``--benchmark-json``'s, so
+    a saved run is recognised as ``current`` by its measurements."""
     runs = sorted(storage.glob("*/*.json"), key=lambda p: p.name)
     for path in reversed(runs):
         data = json.loads(path.read_text())
-        if data.get("datetime") != current.get("datetime"):
+        if medians(data) != medians(current):
             return data
     return None
 
