@@ -104,3 +104,11 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def check_fields(obj: Any, where: str, checks: list[tuple[bool, str, str]]) -> None:
+    """Raise ``BenchError`` for the first failed ``(ok, field, message)`` check of a config dataclass:
+    ``"<where>.<field>: <message>, got <value>"``."""
+    for ok, name, msg in checks:
+        if not ok:
+            raise BenchError(f"{where}.{name}: {msg}, got {getattr(obj, name)!r}")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from bench.data import Loader
+from bench.config import check_fields
 from bench.errors import BenchError
 from bench.metrics import classification_metrics, curve_auc, epochs_to_target
 from bench.teacher_cache import CacheReport, TeacherCache, cache_status
@@ -62,9 +63,7 @@ class Recipe:
             (self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0"),
             (0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)"),
         ]
-        for ok, name, msg in checks:
-            if not ok:
-                raise BenchError(f"{where}.{name}: {msg}, got {getattr(self, name)!r}")
+        check_fields(self, where, checks)
 
 
 @dataclass

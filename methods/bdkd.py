@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.errors import BenchError
+from bench.config import check_fields
 from methods.base import Method, register_method
 from methods.kd import kl_per_sample
 
@@ -135,9 +135,7 @@ class BDKDHparams:
             (self.reverse_weight >= 0, "reverse_weight", "must be >= 0"),
             (self.teacher_weight >= 0, "teacher_weight", "must be >= 0"),
         ]
-        for ok, name, msg in checks:
-            if not ok:
-                raise BenchError(f"{where}.{name}: {msg}, got {getattr(self, name)!r}")
+        check_fields(self, where, checks)
 
 
 @register_method

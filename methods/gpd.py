@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.config import check_fields
 from bench.errors import BenchError
 from bench.models import StagedNet, count_parameters
 from methods._gpd_layers import (
@@ -125,9 +126,7 @@ class GPDScratchHparams:
             (self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null"),
             (self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1) or null"),
         ]
-        for ok, name, msg in checks:
-            if not ok:
-                raise BenchError(f"{where}.{name}: {msg}, got {getattr(self, name)!r}")
+        check_fields(self, where, checks)
 
 
 @dataclass

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.config import check_fields
 from bench.errors import BenchError
 from methods.base import Method, MethodContext, register_method
 from methods.kd import kd_loss
@@ -202,9 +203,7 @@ class SRDHparams:
             (self.mlp_hidden is None or self.mlp_hidden >= 1, "mlp_hidden", "must be >= 1 or null"),
         ] + [(getattr(self, w) >= 0 and math.isfinite(getattr(self, w)), w, "must be a finite number >= 0")
              for w in ("ce_weight", "feature_weight", "kd_weight")]  # fmt: skip
-        for ok, name, msg in checks:
-            if not ok:
-                raise BenchError(f"{where}.{name}: {msg}, got {getattr(self, name)!r}")
+        check_fields(self, where, checks)
 
 
 @register_method

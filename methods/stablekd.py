@@ -33,6 +33,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.config import check_fields
 from bench.errors import BenchError
 from bench.models import StagedNet
 from methods.base import Method, MethodContext, register_method
@@ -170,9 +171,7 @@ class StableKDHparams:
             (self.feature_weight >= 0, "feature_weight", "must be >= 0"),
             (self.ce_weight >= 0 and self.kd_weight >= 0, "ce_weight", "ce_weight and kd_weight must be >= 0"),
         ]
-        for ok, name, msg in checks:
-            if not ok:
-                raise BenchError(f"{where}.{name}: {msg}, got {getattr(self, name)!r}")
+        check_fields(self, where, checks)
         if self.schedule is None:
             return
         w = f"{where}.schedule"
