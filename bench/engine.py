@@ -368,9 +368,11 @@ def build_task(
     description: str = "",
     teacher_cache: bool = False,
     device_data: bool = True,
+    train_loader: Loader | None = None,
 ) -> Task:
     """Loaders for one run: a stratified ``fraction`` of the training pool (after carving the seeded
-    validation split when ``recipe.val_fraction`` > 0), the test split, and the validation split."""
+    validation split when ``recipe.val_fraction`` > 0), the test split, and the validation split.
+    ``train_loader``: an existing loader of those same batches to use instead (a lockstep group's)."""
     from bench.data import fraction_indices, holdout_indices, make_loader
 
     targets = splits.train.target_array()
@@ -387,7 +389,7 @@ def build_task(
     if len(val):
         eval_loaders["val"] = loader(splits.train, val, False)
     return Task(
-        train_loader=loader(splits.train, train_idx, True),
+        train_loader=train_loader if train_loader is not None else loader(splits.train, train_idx, True),
         eval_loaders=eval_loaders,
         device=device,
         seed=seed,

@@ -218,6 +218,7 @@ def prepare_run(
     progress: bool,
     on_epoch=None,
     fast: FastPaths = FastPaths(),
+    train_loader=None,
 ) -> PreparedRun:
     """Loaders, student and method of ``spec`` (around ``teacher_model`` for an offline method; an online
     method builds its own teacher), seeded by the spec's seed; the ``fast`` paths that change no result
@@ -231,7 +232,7 @@ def prepare_run(
     task = build_task(
         splits, spec.fraction, spec.seed, spec.recipe, device,
         checkpoint_path=checkpoint, target_top1=spec.target_top1, progress=progress, description=spec.run_name,
-        teacher_cache=fast.teacher_cache, device_data=fast.device_data,
+        teacher_cache=fast.teacher_cache, device_data=fast.device_data, train_loader=train_loader,
     )  # fmt: skip
     tracker.set_tags(run_id, {"data": describe_loader(task.train_loader), "malloc_tuning": keep_freed_host_memory()})
     info = splits.info
@@ -350,13 +351,12 @@ def execute_lockstep(
         runs: list[PreparedRun] = []
         for spec, run_id, resumed in opened:
             hook = partial(on_epoch, spec) if on_epoch is not None else None
+            shared = runs[0].task.train_loader if runs else None  # one loader: the batches are drawn once
             try:
                 runs.append(prepare_run(spec, splits, tracker, run_id, resumed, run_dirs[spec.hash], device,
-                                        teacher_model, progress, hook, fast))  # fmt: skip
+                                        teacher_model, progress, hook, fast, shared))  # fmt: skip
             except Exception as err:
                 results[spec.hash] = fail_run(tracker, run_id, run_dirs[spec.hash], err)
-        for run in runs[1:]:  # one loader object: the batches are drawn once for the group
-            run.task.train_loader = runs[0].task.train_loader
         try:
             trained = fit_lockstep([r.method for r in runs], [r.task for r in runs], [r.spec.recipe for r in runs],
                                    [r.hooks for r in runs], progress=progress,
