@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from bench.config import from_mapping, to_dict
+from bench.config import coerce, from_mapping, to_dict
 from bench.data import list_datasets
 from bench.engine import Recipe
 from bench.errors import BenchError
@@ -44,12 +44,32 @@ class MethodEntry:
 
 
 @dataclass
+class Provenance:
+    """Where a published number comes from and how it was measured, printed beside it in the tables."""
+
+    source: str  # the paper and table, or the repository file, the number is taken from
+    protocol: str = ""  # best or last epoch, runs averaged, and how the recipe differs from the suite's
+
+
+@dataclass
+class Reference:
+    """A published top-1 (%) for one cell; ``source``/``protocol`` default to the suite's
+    ``reference_sources`` entry of the method label."""
+
+    top1: float
+    source: str = ""
+    protocol: str = ""
+
+
+@dataclass
 class Pair:
     teacher: str
     student: str
     teacher_checkpoint: str | None = None
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
-    reference: dict[str, float] = field(default_factory=dict)
+    # method label (or "teacher" / "student") → a number, or {top1, source, protocol}; a number is parsed
+    # into a Reference whose provenance comes from the suite's ``reference_sources``
+    reference: dict[str, float | Reference] = field(default_factory=dict)
     recipe: dict[str, Any] = field(default_factory=dict)  # student-recipe overrides (e.g. lr 0.01 for MobileNetV2)
     exclude: list[str] = field(default_factory=list)  # method labels not run for this pair (shown as "—")
 
@@ -91,9 +111,19 @@ class Suite:
     target_top1: float | None = None
     resources: Resources = field(default_factory=Resources)
     reference_note: str = ""
+    reference_sources: dict[str, Provenance] = field(default_factory=dict)  # per method label (or teacher/student)
     sweep: dict[str, Any] | None = None
     share_teacher: bool = True  # offline runs sharing teacher and batches train in lockstep (bench.lockstep)
     path: Path | None = None
+
+    def references(self, pair: Pair) -> dict[str, Reference]:
+        """The pair's published numbers, each with its provenance (its own, else ``reference_sources``)."""
+        out = {}
+        for label, ref in pair.reference.items():
+            ref = ref if isinstance(ref, Reference) else Reference(float(ref))
+            default = self.reference_sources.get(label, Provenance(""))
+            out[label] = replace(ref, source=ref.source or default.source, protocol=ref.protocol or default.protocol)
+        return out
 
 
 @dataclass(frozen=True)
@@ -242,7 +272,7 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
         raise BenchError(f"{where}: a suite file must be a YAML mapping")
     allowed = {
         "name", "description", "dataset", "pairs", "methods", "fractions", "seeds", "recipe", "teacher",
-        "target_top1", "resources", "reference_note", "sweep", "share_teacher",
+        "target_top1", "resources", "reference_note", "reference_sources", "sweep", "share_teacher",
     }  # fmt: skip
     unknown = sorted(set(raw) - allowed)
     if unknown:
@@ -274,6 +304,15 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
         for label in pair.exclude:
             if label not in labels:
                 raise BenchError(f"{where}.pairs[{i}].exclude: {label!r} is not a method label of this suite")
+        for label in pair.reference:
+            if label not in labels | {"teacher", "student"}:
+                raise BenchError(f"{where}.pairs[{i}].reference: {label!r} is not a method label of this suite "
+                                 "(nor teacher / student)")  # fmt: skip
+    sources = coerce(raw.get("reference_sources") or {}, dict[str, Provenance], f"{where}.reference_sources")
+    for label in sources:
+        if label not in labels | {"teacher", "student"}:
+            raise BenchError(f"{where}.reference_sources: {label!r} is not a method label of this suite "
+                             "(nor teacher / student)")  # fmt: skip
     fractions = [float(f) for f in _nonempty_list(raw, "fractions", where) if _is_number(f, f"{where}.fractions")]
     for f in fractions:
         if not 0 < f <= 1:
@@ -309,6 +348,7 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
         target_top1=float(target) if target is not None else None,
         resources=from_mapping(Resources, raw.get("resources"), f"{where}.resources"),
         reference_note=str(raw.get("reference_note", "")),
+        reference_sources=sources,
         sweep=sweep,
         share_teacher=share,
         path=path,

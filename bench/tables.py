@@ -116,25 +116,28 @@ def convergence_table(frame: pd.DataFrame, suite: Suite, reference_label: str = 
 
 
 def reference_table(frame: pd.DataFrame, suite: Suite) -> str | None:
-    """Ours (final and best epoch) next to the published number, for every pair × method with one."""
+    """Ours (final and best epoch) next to the published number and where it comes from, for every
+    pair × method with one."""
     rows = []
     full = frame[(frame.fraction == max(suite.fractions)) & (frame.status == "finished")]
     for pair in suite.pairs:
-        for label, ref in pair.reference.items():
+        for label, ref in suite.references(pair).items():
             column = "ce" if label == "student" else label  # the student baseline is the `ce` column
             sel = full[(full.teacher == pair.teacher) & (full.student == pair.student) & (full.label == column)]
             if label == "teacher":
                 ours = full[(full.teacher == pair.teacher) & ~full.method.map(is_online)]["teacher_top1"].dropna()
                 final = f"{ours.iloc[0]:.2f}" if len(ours) else "—"
-                best, delta = "—", (f"{ours.iloc[0] - ref:+.2f}" if len(ours) else "—")
+                best, delta = "—", (f"{ours.iloc[0] - ref.top1:+.2f}" if len(ours) else "—")
             else:
                 final = mean_std(sel["top1"], len(suite.seeds)) if len(sel) else "—"
                 best = mean_std(sel["best_top1"], len(suite.seeds)) if len(sel) else "—"
-                delta = f"{sel['best_top1'].mean() - ref:+.2f}" if len(sel) else "—"
-            rows.append(f"| {pair.label} | {label} | {final} | {best} | {ref:.2f} | {delta} |")
+                delta = f"{sel['best_top1'].mean() - ref.top1:+.2f}" if len(sel) else "—"
+            where = "; ".join(part for part in (ref.source, ref.protocol) if part) or "—"
+            rows.append(f"| {pair.label} | {label} | {final} | {best} | {ref.top1:.2f} | {delta} | {where} |")
     if not rows:
         return None
-    head = "| pair | method | ours (final) | ours (best epoch) | reference | best − reference |\n|---|---|---|---|---|---|"
+    head = ("| pair | method | ours (final) | ours (best epoch) | reference | best − reference | reference from; "
+            "how measured |\n|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows)
 
 

@@ -126,3 +126,32 @@ def test_speed_flags_change_the_recipe_and_so_the_run_hash(tmp_path):
     assert {s.hash for s in expand(fast)}.isdisjoint(s.hash for s in expand(suite))
     plain = with_speed_flags(suite, build_parser().parse_args(["run", "x"]))
     assert [s.hash for s in expand(plain)] == [s.hash for s in expand(suite)]
+
+
+def test_references_carry_their_provenance_from_the_suite_or_their_own(tmp_path):
+    raw = {
+        **GOOD,
+        "pairs": [{"teacher": "resnet20", "student": "resnet8",
+                   "reference": {"kd": 70.5, "ce": {"top1": 60, "source": "own table", "protocol": "last epoch"}}}],
+        "reference_sources": {"kd": {"source": "Hinton et al. 2015", "protocol": "best epoch, one run"}},
+    }  # fmt: skip
+    suite = load_suite(write(tmp_path, raw))
+    refs = suite.references(suite.pairs[0])
+    assert (refs["kd"].top1, refs["kd"].source, refs["kd"].protocol) == (70.5, "Hinton et al. 2015", "best epoch, one run")
+    assert (refs["ce"].top1, refs["ce"].source, refs["ce"].protocol) == (60.0, "own table", "last epoch")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"reference_sources": {"nope": {"source": "x"}}}, "reference_sources: 'nope' is not a method label"),
+        ({"reference_sources": {"kd": {"protocol": "x"}}}, "reference_sources.kd"),
+        ({"pairs": [{"teacher": "resnet20", "student": "resnet8", "reference": {"nope": 1.0}}]},
+         "pairs[0].reference: 'nope' is not a method label"),
+        ({"pairs": [{"teacher": "resnet20", "student": "resnet8", "reference": {"kd": "high"}}]},
+         "pairs[0].reference.kd"),
+    ],
+)  # fmt: skip
+def test_bad_references_name_the_field(tmp_path, change, message):
+    with pytest.raises(BenchError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_suite(write(tmp_path, {**GOOD, **change}))
