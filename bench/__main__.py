@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_options(args, executor: str):
-    from bench.runner import RunOptions
+    from bench.run import RunOptions
 
     return RunOptions(
         results_dir=args.results, data_root=args.data_root, download=args.download, device=args.device,
@@ -124,9 +124,9 @@ def run_options(args, executor: str):
 
 
 def cmd_run(args) -> int:
-    from bench.runner import make_tracker, run_suite, suite_dir
+    from bench.report import write_tables
+    from bench.run import make_tracker, run_suite, suite_dir
     from bench.suites import load_suite
-    from bench.tables import write_tables
 
     suite = with_speed_flags(load_suite(args.suite), args)
     options = run_options(args, executor=args.executor)
@@ -140,8 +140,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from bench.run.sweep import run_sweep
     from bench.suites import load_suite
-    from bench.sweep import run_sweep
 
     suite = with_speed_flags(load_suite(args.suite), args)
     report = run_sweep(suite, run_options(args, executor="ray"))
@@ -163,9 +163,9 @@ def cmd_validate(args) -> int:
 
 
 def cmd_tables(args) -> int:
-    from bench.runner import RunOptions, make_tracker, suite_dir
+    from bench.report import write_tables
+    from bench.run import RunOptions, make_tracker, suite_dir
     from bench.suites import load_suite
-    from bench.tables import write_tables
 
     suite = load_suite(args.suite)
     options = RunOptions(results_dir=args.results, tracking_uri=args.tracking_uri)

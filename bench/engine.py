@@ -4,6 +4,11 @@
 Every epoch it evaluates each of ``method.eval_models()`` on every evaluation split, reports the
 metrics to ``hooks`` (MLflow, Ray Tune, ...) and atomically writes a checkpoint (method state,
 optimizer, scheduler, RNG states, history), from which an interrupted run resumes exactly.
+
+Here too: the ``Recipe``, the ``Task`` a method trains on (``build_task``) and the speed switches that change
+no result (``FastPaths``). Not here: who builds runs and logs them (``bench.run``), the teacher-output cache
+(``bench.teacher_cache``, which takes part through the narrow :class:`TeacherOutputs` hook), several runs on
+shared batches (``bench.lockstep``). The engine imports none of its callers.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,7 +29,6 @@ from bench.data import Loader
 from bench.config import check_fields
 from bench.errors import BenchError
 from bench.metrics import classification_metrics, curve_auc, epochs_to_target
-from bench.teacher_cache import CacheReport, TeacherCache, cache_status
 
 
 @dataclass
@@ -83,18 +87,42 @@ class Task:
     teacher_cache: bool = False
 
 
+@dataclass(frozen=True)
+class FastPaths:
+    """Speed switches that change no result, so they are not part of a run's hash (unlike ``recipe.amp``,
+    ``channels_last``, ``compile``): each is on by default, has a CLI switch and is tagged in the MLflow run.
+    Lockstep groups (``share_teacher``) are the third; they are planned per suite, not per run."""
+
+    teacher_cache: bool = True  # a frozen teacher's per-sample outputs reused where no augmentation
+    device_data: bool = True  # tensor datasets (digits, CIFAR) live on the training device, else in host memory
+
+
 class Hooks(Protocol):
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+
+class TeacherOutputs(Protocol):
+    """The narrow hook through which a store of the frozen teacher's outputs (``bench.teacher_cache``) takes
+    part in the loop: ``active()`` is entered around the epochs, ``bind(x, index)`` sees each training batch and
+    its sample positions (``None`` where the loader does not report them) before the step, and ``report()``
+    lands in ``History.teacher_cache``. The engine knows nothing else of it."""
+
+    def active(self) -> AbstractContextManager[Any]: ...
+
+    def bind(self, x: torch.Tensor, index: torch.Tensor | None) -> None: ...
+
+    def report(self) -> Any: ...
 
 
 @dataclass
 class History:
     """Per-epoch metrics (``epochs[i]`` is the dict of epoch i+1) and the run's summary.
 
-    ``teacher_cache``: what the teacher cache did in this process (None where the engine's loop did not run)."""
+    ``teacher_cache``: what the teacher cache did in this process (its ``report()``, a
+    ``bench.teacher_cache.CacheReport``; None where no cache took part)."""
 
     epochs: list[dict[str, float]] = field(default_factory=list)
-    teacher_cache: CacheReport | None = None
+    teacher_cache: Any = None
 
     def curve(self, key: str = "test_top1") -> list[float]:
         return [e[key] for e in self.epochs if key in e]
@@ -244,8 +272,6 @@ class TrainingRun:
         method.to(task.device)
         if recipe.channels_last:
             method.to(memory_format=torch.channels_last)
-        # "on" or "off: <reason>" (bench.teacher_cache); the loop that drives the run creates the cache
-        self.teacher_cache_status = cache_status(method, task, recipe)
         self.params = method.trainable_parameters()
         self.optimizer = make_optimizer(self.params, recipe)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(recipe.milestones), recipe.gamma)
@@ -325,24 +351,23 @@ def progress_bar(enabled: bool, epochs: int, start: int, desc: str):
     return tqdm(total=epochs, initial=start, desc=desc, unit="ep", leave=False)
 
 
-def fit(method, task: Task, recipe: Recipe, hooks: Hooks | None = None) -> History:
-    """Train ``method`` for ``recipe.epochs`` epochs, resuming from ``task.checkpoint_path`` if present."""
+def fit(method, task: Task, recipe: Recipe, hooks: Hooks | None = None,
+        teacher_outputs: TeacherOutputs | None = None) -> History:  # fmt: skip
+    """Train ``method`` for ``recipe.epochs`` epochs, resuming from ``task.checkpoint_path`` if present;
+    ``teacher_outputs`` (e.g. a ``bench.teacher_cache.TeacherCache``) takes part through its hook."""
     run = TrainingRun(method, task, recipe, hooks)
     loader = task.train_loader
-    cache = None
-    if run.teacher_cache_status == "on":
-        cache = TeacherCache(method.teacher, loader.num_samples, loader.batch_size)
     bar = progress_bar(task.progress, recipe.epochs, run.start, task.description or method.name)
     try:
-        with cache.active() if cache is not None else nullcontext():
+        with teacher_outputs.active() if teacher_outputs is not None else nullcontext():
             for epoch in range(run.start, recipe.epochs):
                 t0 = time.perf_counter()
                 run.begin_epoch(epoch)
                 loader.set_epoch(epoch)
                 for x, y, *extra in loader:
                     x = prepare_batch(x, recipe)
-                    if cache is not None:
-                        cache.bind(x, loader.last_index)
+                    if teacher_outputs is not None:
+                        teacher_outputs.bind(x, getattr(loader, "last_index", None))
                     run.step(x, y, *extra)
                 metrics = run.end_epoch(epoch, time.perf_counter() - t0)
                 if bar is not None:
@@ -352,7 +377,8 @@ def fit(method, task: Task, recipe: Recipe, hooks: Hooks | None = None) -> Histo
     finally:
         if bar is not None:
             bar.close()
-    run.history.teacher_cache = cache.report() if cache is not None else CacheReport(run.teacher_cache_status)
+    if teacher_outputs is not None:
+        run.history.teacher_cache = teacher_outputs.report()
     return run.history
 
 
@@ -362,17 +388,17 @@ def build_task(
     seed: int,
     recipe: Recipe,
     device: torch.device,
-    checkpoint_path: Path | None = None,
-    target_top1: float | None = None,
-    progress: bool = True,
-    description: str = "",
+    *,
     teacher_cache: bool = False,
     device_data: bool = True,
     train_loader: Loader | None = None,
+    **task_fields: Any,
 ) -> Task:
     """Loaders for one run: a stratified ``fraction`` of the training pool (after carving the seeded
     validation split when ``recipe.val_fraction`` > 0), the test split, and the validation split.
-    ``train_loader``: an existing loader of those same batches to use instead (a lockstep group's)."""
+    ``teacher_cache`` / ``device_data``: the :class:`FastPaths` (``**asdict(fast)``); ``train_loader``: an
+    existing loader of those same batches to use instead (a lockstep group's); ``task_fields``: the other
+    :class:`Task` fields (``checkpoint_path``, ``target_top1``, ``progress``, ``description``)."""
     from bench.data import fraction_indices, holdout_indices, make_loader
 
     targets = splits.train.target_array()
@@ -393,9 +419,6 @@ def build_task(
         eval_loaders=eval_loaders,
         device=device,
         seed=seed,
-        checkpoint_path=checkpoint_path,
-        target_top1=target_top1,
-        progress=progress,
-        description=description,
         teacher_cache=teacher_cache,
+        **task_fields,
     )

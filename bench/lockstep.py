@@ -40,7 +40,14 @@ from bench.engine import (
 )
 from bench.data import TensorLoader
 from bench.errors import BenchError
-from bench.teacher_cache import CacheReport, TeacherCache, map_tensors, patched_forward_features, tensor_leaves
+from bench.teacher_cache import (
+    CacheReport,
+    TeacherCache,
+    cache_status,
+    map_tensors,
+    patched_forward_features,
+    tensor_leaves,
+)
 
 # Recipe fields that decide the batches or the teacher's output: runs in lockstep must agree on them.
 SHARED_RECIPE_FIELDS = ("batch_size", "augment", "val_fraction", "amp", "channels_last", "compile")
@@ -200,9 +207,7 @@ def _same_batches(a, b) -> bool:
 def can_share_teacher(cls: type) -> bool:
     """Offline methods trained by the engine's loop (a method overriding ``fit`` prepares something
     there that the lockstep loop would skip)."""
-    from methods.base import Method
-
-    return cls.teacher_mode == "offline" and cls.fit is Method.fit
+    return cls.teacher_mode == "offline" and cls.trains_with_engine_loop()
 
 
 def check_lockstep(methods: Sequence[nn.Module], tasks: Sequence[Task], recipes: Sequence[Recipe]) -> None:
@@ -329,11 +334,9 @@ def fit_lockstep(
 
     loader = tasks[0].train_loader
     recipe0 = recipes[0]
-    cache_off = [m.run.teacher_cache_status for m in members if m.run.teacher_cache_status != "on"]
-    cache_status = cache_off[0] if cache_off else "on"  # on for all members or for none
-    for member in members:
-        member.run.teacher_cache_status = cache_status
-    cache = TeacherCache(teacher, loader.num_samples, loader.batch_size) if members and cache_status == "on" else None
+    statuses = [cache_status(m.run.method, m.run.task, m.run.recipe) for m in members]  # "on" / "off: <why>"
+    status = next((s for s in statuses if s != "on"), "on")  # on for all members or for none
+    cache = TeacherCache(teacher, loader.num_samples, loader.batch_size) if members and status == "on" else None
     last = max((m.epochs for m in members), default=0)
     first_epoch = min((m.run.start for m in members), default=0)
     bar = progress_bar(progress, last, first_epoch, description)
@@ -350,40 +353,10 @@ def fit_lockstep(
         slots.close()
         if bar is not None:
             bar.close()
-    report = cache.report() if cache is not None else CacheReport(cache_status)
+    report = cache.report() if cache is not None else CacheReport(status)
     for result in results:
         # every memo miss reaches the cache when there is one, which counts its own real passes
         result.teacher_passes = cache.passes if cache is not None else shared.misses
     for member in members:
         member.result.history.teacher_cache = report
     return results
-
-
-def lockstep_key(spec) -> tuple | None:
-    """Runs of a suite with equal keys can train in lockstep (``None``: the run cannot).
-
-    ``spec`` is a :class:`bench.suites.RunSpec`: offline methods that use the engine's loop, with the
-    same teacher spec, dataset, data (fraction, seed) and the recipe fields that decide the batches."""
-    from methods import get_method
-
-    if spec.teacher_spec is None or not can_share_teacher(get_method(spec.method)):
-        return None
-    shared = tuple(repr(getattr(spec.recipe, name)) for name in SHARED_RECIPE_FIELDS)
-    return (spec.teacher_spec.hash, spec.dataset, spec.fraction, spec.seed, shared)
-
-
-def lockstep_groups(specs: Sequence, max_group: int | None = None) -> list[list]:
-    """Partition ``specs`` into lockstep groups (in their order); a spec that cannot share is alone.
-
-    ``max_group`` caps a group's size (memory: every student of a group lives on the device at once)."""
-    groups: dict[Any, list] = {}
-    order: list[list] = []
-    for i, spec in enumerate(specs):
-        key = lockstep_key(spec)
-        key = ("alone", i) if key is None else key
-        group = groups.get(key)
-        if group is None or (max_group is not None and len(group) >= max_group):
-            group = groups[key] = []
-            order.append(group)
-        group.append(spec)
-    return order

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+RELIABILITY_FILE = "reliability.json"  # a finished run's reliability bins (run folder and MLflow artifact)
+
 
 def topk_accuracy(logits: Tensor, targets: Tensor, k: int = 1) -> float:
     """Percent of samples whose target is among the ``k`` largest logits."""

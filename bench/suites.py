@@ -41,6 +41,7 @@ class MethodEntry:
     name: str
     label: str
     hparams: dict[str, Any] = field(default_factory=dict)
+    teacher_mode: str = "offline"  # the method's: "none", "offline" or "online" (the tables need to know)
 
 
 @dataclass
@@ -115,6 +116,11 @@ class Suite:
     sweep: dict[str, Any] | None = None
     share_teacher: bool = True  # offline runs sharing teacher and batches train in lockstep (bench.lockstep)
     path: Path | None = None
+
+    def online_methods(self) -> set[str]:
+        """Names of the suite's methods that train their teacher with the student (their teacher's metrics are
+        their own, reported apart)."""
+        return {m.name for m in self.methods if m.teacher_mode == "online"}
 
     def references(self, pair: Pair) -> dict[str, Reference]:
         """The pair's published numbers, each with its provenance (its own, else ``reference_sources``)."""
@@ -244,12 +250,12 @@ def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
         if not isinstance(name, str):
             raise BenchError(f"{w}: method name must be a string, got {name!r}")
         try:
-            get_method(name)
+            cls = get_method(name)
         except BenchError as err:
             raise BenchError(f"{w}: {err}") from None
         hparams = hparams or {}
         build_hparams(name, hparams, f"{w}.{name}")  # validate now
-        entries.append(MethodEntry(name, str(label), dict(hparams)))
+        entries.append(MethodEntry(name, str(label), dict(hparams), cls.teacher_mode))
     labels = [e.label for e in entries]
     dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dupes:

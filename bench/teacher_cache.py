@@ -29,9 +29,10 @@ method that edits a teacher output in place cannot alter the cache. The cache ho
 checkpointing: a resumed run refills it in its first epoch.
 
 The switch is ``bench.engine.Task.teacher_cache`` (not a recipe field: the cache changes no result, so it
-must not change a run's hash). ``bench.engine.fit`` and :func:`bench.lockstep.fit_lockstep` (under its
-per-batch :class:`~bench.lockstep.SharedTeacher`) turn it on where it applies and report what happened in
-``History.teacher_cache`` (:class:`CacheReport`).
+must not change a run's hash). ``Method.fit`` hands :func:`teacher_cache_for` to ``bench.engine.fit``, which
+calls it through its narrow ``TeacherOutputs`` hook; :func:`bench.lockstep.fit_lockstep` puts one cache under
+its per-batch :class:`~bench.lockstep.SharedTeacher`. Both report what happened in ``History.teacher_cache``
+(:class:`CacheReport`). This module imports the engine's types, never the other way round.
 
 Evaluation passes: no evaluation path runs a frozen offline teacher repeatedly (``Method.eval_models`` of an
 offline method is the student alone, GPD's dynamic teacher is trained, ``bench.calibration`` predicts with the
@@ -40,17 +41,15 @@ is nothing to cache there.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from bench.data import TensorLoader
-
-if TYPE_CHECKING:
-    from bench.engine import Recipe, Task
+from bench.engine import Recipe, Task
 
 MEMORY_BUDGET_BYTES = 1 << 30  # 1 GiB
 CUDA_FREE_FRACTION = 0.25  # on CUDA, also at most this share of the free device memory
@@ -128,16 +127,14 @@ def sample_bytes(teacher: nn.Module, input_shape: tuple[int, ...], device: torch
     return sum(t.numel() * t.element_size() for t in tensor_leaves(output))
 
 
-def cache_applies(method, task: "Task", recipe: "Recipe", budget_bytes: int | None = None) -> str | None:
+def cache_applies(method, task: Task, recipe: Recipe, budget_bytes: int | None = None) -> str | None:
     """None when the teacher cache applies to training ``method`` on ``task`` with ``recipe``, else the
     one-line reason it does not (module docstring). The cheap checks come first; the memory estimate runs
     the teacher once on one sample (the method must already be on ``task.device``)."""
-    from methods.base import Method
-
     mode = method.teacher_mode
     if mode != "offline" or method.teacher is None:
         return f"teacher mode is {mode!r} (only a frozen offline teacher gives the same output every epoch)"
-    if type(method).fit is not Method.fit:
+    if not method.trains_with_engine_loop():
         return f"method {method.name!r} has its own fit procedure"
     teacher = method.teacher
     if any(p.requires_grad for p in teacher.parameters()):
@@ -160,12 +157,22 @@ def cache_applies(method, task: "Task", recipe: "Recipe", budget_bytes: int | No
     return None
 
 
-def cache_status(method, task: "Task", recipe: "Recipe", budget_bytes: int | None = None) -> str:
+def cache_status(method, task: Task, recipe: Recipe, budget_bytes: int | None = None) -> str:
     """``"on"`` or ``"off: <reason>"`` (also when ``task.teacher_cache`` is false)."""
     if not task.teacher_cache:
         return "off: disabled (--no-teacher-cache)"
     reason = cache_applies(method, task, recipe, budget_bytes)
     return "on" if reason is None else f"off: {reason}"
+
+
+def teacher_cache_for(method, task: Task, recipe: Recipe, budget_bytes: int | None = None) -> "TeacherCache | NoCache":
+    """What serves ``method``'s teacher outputs in ``bench.engine.fit`` (its ``TeacherOutputs`` hook): a
+    :class:`TeacherCache` where the cache applies, else a :class:`NoCache` that says why not. The method must
+    already be on ``task.device``."""
+    status = cache_status(method, task, recipe, budget_bytes)
+    if status != "on":
+        return NoCache(status)
+    return TeacherCache(method.teacher, task.train_loader.num_samples, task.train_loader.batch_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,6 +197,22 @@ class CacheReport:
         if self.status != "on":
             return {}
         return {"teacher_cache_hits": float(self.hits), "teacher_cache_misses": float(self.misses)}
+
+
+class NoCache:
+    """Where the cache does not apply: takes no part in the loop, and reports why (``"off: <reason>"``)."""
+
+    def __init__(self, status: str) -> None:
+        self.status = status
+
+    def active(self) -> AbstractContextManager["NoCache"]:
+        return nullcontext(self)
+
+    def bind(self, x: Tensor, index: Tensor | None) -> None:
+        pass
+
+    def report(self) -> CacheReport:
+        return CacheReport(self.status)
 
 
 class TeacherCache:

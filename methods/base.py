@@ -9,18 +9,18 @@ implement ``forward_train(x, y) -> (student_logits, {loss_name: tensor})``; the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from bench import engine
 from bench.config import from_mapping
 from bench.data import DatasetInfo
+from bench.engine import History, Hooks, Recipe, Task
 from bench.errors import BenchError
 from bench.models import Features, StagedNet, count_parameters
-
-if TYPE_CHECKING:
-    from bench.engine import History, Hooks, Recipe, Task
+from bench.teacher_cache import teacher_cache_for
 
 TeacherMode = Literal["none", "offline", "online"]
 
@@ -130,15 +130,20 @@ class Method(nn.Module):
         }
 
     # ---- the uniform interface -----------------------------------------------------------------
-    def fit(self, task: "Task", recipe: "Recipe", hooks: "Hooks | None" = None) -> "History":
-        from bench.engine import fit
+    def fit(self, task: Task, recipe: Recipe, hooks: Hooks | None = None) -> History:
+        """The engine's loop, handed the teacher-output cache (``bench.teacher_cache``) where it applies; the
+        method goes to its device first, where the cache's memory probe runs the teacher."""
+        self.to(task.device)
+        return engine.fit(self, task, recipe, hooks, teacher_cache_for(self, task, recipe))
 
-        return fit(self, task, recipe, hooks)
+    def evaluate(self, task: Task, split: str = "test") -> dict[str, float]:
+        return engine.evaluate_method(self, task.eval_loaders[split], split)
 
-    def evaluate(self, task: "Task", split: str = "test") -> dict[str, float]:
-        from bench.engine import evaluate_method
-
-        return evaluate_method(self, task.eval_loaders[split], split)
+    @classmethod
+    def trains_with_engine_loop(cls) -> bool:
+        """Whether the method trains through ``Method.fit`` as it is (a method overriding ``fit`` prepares
+        something there that a shared loop, the teacher cache or a lockstep group would skip)."""
+        return cls.fit is Method.fit
 
 
 # --------------------------------------------------------------------------------------------------

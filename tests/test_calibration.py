@@ -10,19 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.calibration import (
-    bins_ece,
-    calibration_sections,
-    final_calibration,
-    fit_temperature,
-    plot_reliability,
-    pool_bins,
-    reliability_path,
-)
+from bench.calibration import final_calibration, fit_temperature
+from bench.report.calibration import bins_ece, calibration_sections, plot_reliability, pool_bins, reliability_path
 from bench.engine import Task
 from bench.metrics import expected_calibration_error, reliability_bins
 from bench.suites import parse_suite
-from bench.tables import RUN_COLUMNS
+from bench.report.frame import RUN_COLUMNS
 
 
 def test_ece_is_zero_for_a_calibrated_model_over_several_bins():
@@ -150,7 +143,7 @@ def _frame(tmp_path: Path) -> pd.DataFrame:
 
 
 def test_calibration_sections_put_accuracy_and_ece_side_by_side(tmp_path):
-    from bench.tables import markdown
+    from bench.report.tables import markdown
 
     suite = parse_suite(SUITE)
     text = "\n".join(calibration_sections(_frame(tmp_path), suite))
@@ -177,8 +170,8 @@ def test_reliability_diagram_from_run_folders_when_mlflow_has_no_artifact(tmp_pa
 def test_suite_run_logs_calibration_and_tables_rebuild_from_mlflow(tmp_path):
     """A tiny online suite through the runner: ece_ts and the online teacher are recorded, and the
     reliability diagram is rebuilt from the MLflow artifacts alone (run folders' copies removed)."""
-    from bench.runner import RunOptions, make_tracker, run_suite, suite_dir
-    from bench.tables import write_tables
+    from bench.run import RunOptions, make_tracker, run_suite, suite_dir
+    from bench.report.tables import write_tables
 
     raw = {**SUITE, "methods": ["ce", "bdkd"], "fractions": [0.1], "seeds": [0],
            "pairs": [{"teacher": "resnet8", "student": "resnet8"}],

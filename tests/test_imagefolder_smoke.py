@@ -3,9 +3,9 @@ from dataclasses import replace
 
 import pandas as pd
 
-from bench.runner import RunOptions, make_tracker, run_suite
+from bench.run import RunOptions, make_tracker, run_suite
 from bench.suites import expand, load_suite
-from bench.tables import runs_frame
+from bench.report import runs_frame
 from tests.fixtures import write_image_folder
 
 

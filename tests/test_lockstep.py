@@ -11,7 +11,8 @@ from torch import Tensor
 from bench.data import load_dataset
 from bench.engine import Recipe, build_task, fit, seed_everything
 from bench.errors import BenchError
-from bench.lockstep import fit_lockstep, lockstep_groups
+from bench.lockstep import fit_lockstep
+from bench.run.jobs import lockstep_groups
 from bench.models import create_model
 from methods import MethodContext, get_method
 from methods.kd import KD, KDHparams

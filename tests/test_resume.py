@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from bench.runner import RunOptions, make_tracker, run_suite
+from bench.run import RunOptions, make_tracker, run_suite
 from bench.suites import expand, parse_suite
-from bench.tables import runs_frame
+from bench.report import runs_frame
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = {

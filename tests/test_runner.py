@@ -15,9 +15,12 @@ import torch.nn.functional as F
 import yaml
 
 from bench.__main__ import main
-from bench.runner import FINISHED, JobList, Outcome, Progress, RunOptions, TeacherJob, run_suite, spec_lock
+from bench.run import Outcome, RunOptions, run_suite
+from bench.run.jobs import TeacherJob
+from bench.run.lifecycle import spec_lock
+from bench.run.progress import Progress
 from bench.suites import expand, parse_suite
-from bench.tracking import Tracker
+from bench.tracking import FINISHED, Tracker
 from methods import list_methods
 from methods.base import Method, register_method
 
@@ -193,7 +196,7 @@ def test_progress_line_counts_and_eta():
 def test_teachers_first_releases_a_student_only_after_its_teacher():
     from ray.tune.search import Searcher
 
-    from bench.runner import teachers_first
+    from bench.run.ray import JobList, teachers_first
 
     specs = expand(parse_suite({**SUITE, "methods": ["ce", "kd"], "seeds": [0, 1]}))
     kd = [s for s in specs if s.method == "kd"]

@@ -10,21 +10,11 @@ import yaml
 
 from bench.__main__ import main
 from bench.data import load_dataset
-from bench.runner import (
-    FAILED,
-    FINISHED,
-    KILLED,
-    LockstepJob,
-    RunOptions,
-    make_tracker,
-    plan_jobs,
-    prepare_teachers,
-    run_jobs,
-    run_suite,
-    suite_dir,
-)
+from bench.run import RunOptions, make_tracker, run_suite, suite_dir
+from bench.run.jobs import LockstepJob, plan_jobs
+from bench.run.lifecycle import Workspace, execute, prepare_teachers
 from bench.suites import expand, parse_suite
-from bench.tracking import Tracker
+from bench.tracking import FAILED, FINISHED, KILLED, Tracker
 
 SUITE = {
     "name": "share",
@@ -157,9 +147,10 @@ def test_interrupted_group_resumes_each_run_from_its_own_checkpoint(separate, tm
         if spec is specs[1] and epoch == 1:
             raise KeyboardInterrupt
 
+    ws = Workspace(options, splits, tracker, torch.device("cpu"), suite_dir(options, the_suite) / "runs",
+                   log=lambda _: None)  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
-        run_jobs(specs, splits, tracker, suite_dir(options, the_suite) / "runs", torch.device("cpu"), teacher, None,
-                 on_epoch=interrupt, log=lambda _: None)  # fmt: skip
+        execute(specs, ws, teacher, None, on_epoch=interrupt)
     assert {r.status for s in specs for r in tracker.runs_for(s.hash)} == {KILLED}
     epochs = [torch.load(suite_dir(options, the_suite) / "runs" / s.hash / "checkpoint.pt", weights_only=False)["epoch"]
               for s in specs]  # fmt: skip

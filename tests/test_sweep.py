@@ -8,9 +8,10 @@ import yaml
 
 from bench.__main__ import main
 from bench.errors import BenchError
-from bench.runner import Outcome
+from bench.run import Outcome
 from bench.suites import parse_suite
-from bench.sweep import SweepReport, SweepResolver, markdown, parse_sweep, select_best, sensitivity, trial_frame
+from bench.report.sweep import SweepReport, markdown, sensitivity, trial_frame
+from bench.sweep import SweepResolver, parse_sweep, select_best
 
 BASE = {
     "name": "sw",

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from bench.data import load_dataset
-from bench.engine import Recipe, build_task, fit, seed_everything
+from bench.engine import Recipe, build_task, seed_everything
 from bench.lockstep import SharedTeacher, fit_lockstep
 from bench.models import create_model
 from bench.teacher_cache import TeacherCache, cache_applies, cache_status, sample_bytes
@@ -77,7 +77,7 @@ def train(splits, teacher_state, cls, hp, cache: bool, hooks=None, checkpoint: P
     task = make_task(splits, cache, recipe, checkpoint)
     method = make_method(cls, hp, teacher, task, splits, recipe)
     counter = CountingTeacher(teacher)  # after the method's set-up (FitNet probes the stage shapes)
-    history = fit(method, task, recipe, hooks)
+    history = method.fit(task, recipe, hooks)
     return history, method.student.state_dict(), counter.sizes, task
 
 
@@ -333,7 +333,7 @@ def test_off_runs_say_why_and_train_unchanged(splits, teacher_state):
     task = make_task(splits, cache=True, recipe=recipe)
     method = make_method(KD, KDHparams(), teacher, task, splits, recipe)
     assert cache_status(method, task, recipe) == "off: training augmentation 'crop_flip' is random"
-    history = fit(method, task, recipe)
+    history = method.fit(task, recipe)
     assert history.teacher_cache.status == "off: training augmentation 'crop_flip' is random"
     assert history.teacher_cache.metrics() == {} and history.teacher_cache.tags() == {
         "teacher_cache": "off: training augmentation 'crop_flip' is random"
