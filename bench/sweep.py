@@ -100,18 +100,6 @@ class Dimension:
     def continuous(self) -> bool:
         return self.kind in ("uniform", "loguniform")
 
-    def domain(self):
-        from ray import tune
-
-        if self.kind == "grid":
-            return tune.grid_search([list(v) if len(self.names) > 1 else v for v in self.values])
-        if self.kind == "choice":
-            return tune.choice([list(v) if len(self.names) > 1 else v for v in self.values])
-        low, high = self.values
-        if self.integer:
-            return (tune.randint if self.kind == "uniform" else tune.lograndint)(int(low), int(high) + 1)
-        return (tune.uniform if self.kind == "uniform" else tune.loguniform)(low, high)
-
     def assign(self, value: Any) -> dict[str, Any]:
         """Tune's value for this axis → {name: value}."""
         values = list(value) if len(self.names) > 1 else [value]
@@ -125,14 +113,6 @@ class Sweep:
     base: RunSpec  # the suite's spec of the swept method on the chosen pair / fraction (first sweep seed)
     seeds: list[int]
     where: str
-
-    @property
-    def param_space(self) -> dict[str, Any]:
-        from ray import tune
-
-        space = {"seed": tune.grid_search(list(self.seeds))}
-        space.update({f"p{i}": dim.domain() for i, dim in enumerate(self.dims)})
-        return space
 
     @property
     def num_trials(self) -> int:

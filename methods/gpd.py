@@ -6,7 +6,8 @@ Inverse Reparameterization (IR, §3.1) of the student (same function), and the s
 (hard parameter sharing, Channel-Branch Reparameterization CBR §3.2), so one optimiser trains both and the
 student can be extracted at any time without post-training. Every 3×3 stride-1 conv is trained as a
 multi-branch (OREPA) block and merged into one kernel for deployment (``branches``). The layer machinery is in
-``methods/_gpd_layers.py`` (its docstring states the channel rules and how the branches differ from OREPA's).
+``methods/_gpd_layers.py`` (its docstring states the channel rules and how the branches differ from OREPA's) and
+``methods/_gpd_surgery.py`` (whole-network operations).
 
 Per iteration (official ``train_dkd.py`` + ``gpd_utils.enhance_with_es``; :func:`gpd_loss`):
 
@@ -54,7 +55,7 @@ from torch import Tensor, nn
 from bench.config import check_fields
 from bench.errors import BenchError
 from bench.models import StagedNet, count_parameters
-from methods._gpd_layers import (
+from methods._gpd_surgery import (
     add_branches,
     extract_student,
     inverse_reparameterize,

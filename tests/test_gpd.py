@@ -18,7 +18,8 @@ from bench.errors import BenchError
 from bench.models import create_model
 from bench.suites import expand, load_suite
 from methods import MethodContext, build_hparams, get_method
-from methods._gpd_layers import DynamicBranchConv2d, add_branches, copy_counts
+from methods._gpd_layers import DynamicBranchConv2d, copy_counts
+from methods._gpd_surgery import add_branches
 from methods.gpd import extract_student, gpd_loss, inverse_reparameterize, soft_ce_loss, student_mode
 
 DIGITS = DatasetInfo("digits", 10, 1, 8, (0.5,), (0.25,), "none")

@@ -7,8 +7,10 @@ The schema and selection: ``bench.sweep``; the files: ``bench.report.sweep``.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
+from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
@@ -23,7 +25,26 @@ from bench.run.progress import Progress
 from bench.run.ray import TrialContext, absolute_options, ray_session, trial_resources, tune_jobs
 from bench.run.suite import live_output
 from bench.suites import RunSpec, Suite
-from bench.sweep import SweepResolver, final_runs, parse_sweep, select_best, trial_label
+from bench.sweep import Dimension, Sweep, SweepResolver, final_runs, parse_sweep, select_best, trial_label
+
+
+def tune_domain(dim: Dimension) -> Any:
+    """One axis of the space as a Tune domain (tied values travel as lists)."""
+    if dim.kind == "grid":
+        return tune.grid_search([list(v) if len(dim.names) > 1 else v for v in dim.values])
+    if dim.kind == "choice":
+        return tune.choice([list(v) if len(dim.names) > 1 else v for v in dim.values])
+    low, high = dim.values
+    if dim.integer:
+        return (tune.randint if dim.kind == "uniform" else tune.lograndint)(int(low), int(high) + 1)
+    return (tune.uniform if dim.kind == "uniform" else tune.loguniform)(low, high)
+
+
+def tune_space(sweep: Sweep) -> dict[str, Any]:
+    """Tune's ``param_space``: every seed (grid) × the axes ``p0``, ``p1``, ... (``SweepResolver`` reads it)."""
+    space = {"seed": tune.grid_search(list(sweep.seeds))}
+    space.update({f"p{i}": tune_domain(dim) for i, dim in enumerate(sweep.dims)})
+    return space
 
 
 def run_sweep(suite: Suite, options: RunOptions, log=print) -> SweepReport:
@@ -64,7 +85,7 @@ def run_sweep(suite: Suite, options: RunOptions, log=print) -> SweepReport:
         progress = Progress(f"{suite.name} sweep", [], 0, log, live_output(options), unknown=sweep.num_trials,
                             unknown_epochs=sweep.base.recipe.epochs)  # fmt: skip
         outcomes = tune_jobs(
-            "sweep", ctx, sweep.param_space, resources, suite_dir(opts, suite) / "ray", progress, tracker,
+            "sweep", ctx, tune_space(sweep), resources, suite_dir(opts, suite) / "ray", progress, tracker,
             metric=settings.metric, mode=settings.mode, scheduler=scheduler, num_samples=settings.num_samples,
             search_alg=BasicVariantGenerator(random_state=settings.search_seed),
             max_concurrent_trials=settings.max_concurrent,
