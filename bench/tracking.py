@@ -154,7 +154,7 @@ class Tracker:
         """Reuse the unfinished run of this spec (resume: the curve continues) or create a new one.
 
         Unfinished = RUNNING (its process was killed: the caller holds the spec's lock, see
-        ``bench.runner.spec_lock``, so no live process owns it), KILLED (interrupted) or FAILED. A stale
+        ``bench.run.lifecycle.spec_lock``, so no live process owns it), KILLED (interrupted) or FAILED. A stale
         ``error`` tag of the earlier attempt is removed. Returns ``(run_id, resumed)``."""
         previous = [r for r in self.runs_for(spec_hash) if r.status != FINISHED]
         if previous:

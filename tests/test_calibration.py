@@ -139,7 +139,7 @@ def _frame(tmp_path: Path) -> pd.DataFrame:
                 "seed": seed, "status": "finished", "top1": top1 + seed, "ece": ece, "teacher_top1": teacher,
                 "teacher_ece": 1.5 if method == "dml" else None, "spec_hash": spec_hash, "run_id": "none",
             })  # fmt: skip
-    return pd.DataFrame(rows).reindex(columns=[*RUN_COLUMNS, "teacher_ece"])  # as bench.tables.runs_frame
+    return pd.DataFrame(rows).reindex(columns=[*RUN_COLUMNS, "teacher_ece"])  # as bench.report.runs_frame
 
 
 def test_calibration_sections_put_accuracy_and_ece_side_by_side(tmp_path):
