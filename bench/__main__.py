@@ -199,10 +199,9 @@ COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "table
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command != "new":  # the installed entry points, then --plugin (relative to this folder)
-            from bench.api import load_plugins
+        from bench.api import load_plugins  # the installed entry points, then --plugin (relative to this folder)
 
-            load_plugins(args.plugin, where="--plugin")
+        load_plugins([] if args.command == "new" else args.plugin, where="--plugin")
         return COMMANDS[args.command](args)
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)

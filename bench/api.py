@@ -100,6 +100,8 @@ def run(suite: SuiteLike, plugins: Iterable[str] = (), log: Callable[[str], None
     flags, options = _split(dict(options))
     suite = with_speed_flags(load_suite(suite, plugins), flags)
     opts = run_options(**options)
+    if opts.executor == "ray":
+        plugin_loader.check_shippable(spec.parts for spec in expand(suite))
     report = execute(suite, opts, log)
     out = suite_dir(opts, suite)
     frame = write_tables(suite, make_tracker(suite, opts), out)

@@ -32,18 +32,17 @@ import inspect
 import sys
 import traceback
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
 from bench.data import _DATASETS
-from bench.errors import BenchError, DuplicateName
+from bench.errors import BUILTIN_PACKAGES, BenchError, DuplicateName
 from bench.models import generic
 from bench.models.registry import _PREFIXES, _REGISTRY
 from methods.base import _METHODS
 
 ENTRY_POINT_GROUP = "kdbench.plugins"
-BUILTIN_PACKAGES = ("bench", "methods")
 _REGISTRIES: dict[str, dict[str, Any]] = {"method": _METHODS, "model": _REGISTRY, "model prefix": _PREFIXES,
                                           "dataset": _DATASETS}  # fmt: skip
 
@@ -130,7 +129,7 @@ def _load_file(ref: str, base: Path | None, where: str) -> Plugin:
     return _execute(Plugin(ref, name, sha256(source), str(path), source), label)
 
 
-def _load_module(name: str, where: str, required: bool = True) -> Plugin:
+def _load_module(name: str, where: str) -> Plugin:
     label = f"{where}: plugin {name}"
     if name in _LOADED:
         return _LOADED[name]
@@ -144,7 +143,7 @@ def _load_module(name: str, where: str, required: bool = True) -> Plugin:
         raise BenchError(f"{label}: no module named {name!r} (installed? on PYTHONPATH?)")
     file = spec.origin if spec.origin and Path(spec.origin).is_file() else None
     digest = sha256(Path(file).read_bytes()) if file else sha256(name.encode())
-    return _execute(Plugin(name, name, digest, version=_distribution_version(name), required=required), label)
+    return _execute(Plugin(name, name, digest, version=_distribution_version(name)), label)
 
 
 def _execute(plugin: Plugin, label: str) -> Plugin:
@@ -160,7 +159,8 @@ def _execute(plugin: Plugin, label: str) -> Plugin:
             importlib.import_module(plugin.module)
     except DuplicateName as err:
         _rollback(before, plugin)
-        raise BenchError(f"{label}: {err.kind} {err.name!r} clashes with {_holder(err.holder)}") from None
+        holder = _LOADED[err.holder].origin if err.holder in _LOADED else err.describe_holder()
+        raise BenchError(f"{label}: {err.kind} {err.name!r} clashes with {holder}") from None
     except BenchError as err:
         _rollback(before, plugin)
         raise BenchError(f"{label}: {err}") from None
@@ -170,7 +170,7 @@ def _execute(plugin: Plugin, label: str) -> Plugin:
             raise
         raise BenchError(f"{label}: import failed: {_first_error_line(err, plugin)}") from None
     added = tuple((kind, name) for kind, names in _snapshot().items() for name in names if name not in before[kind])
-    loaded = Plugin(**{**plugin.__dict__, "registered": added})
+    loaded = replace(plugin, registered=added)
     _LOADED[plugin.module] = loaded
     return loaded
 
@@ -214,15 +214,6 @@ def _unload(plugin: Plugin) -> None:
     del _LOADED[plugin.module]
 
 
-def _holder(module: str) -> str:
-    """Who registered a name, from its module: a built-in, a loaded plugin, or another module."""
-    if module.split(".")[0] in BUILTIN_PACKAGES:
-        return f"a built-in ({module})"
-    if module in _LOADED:
-        return _LOADED[module].origin
-    return f"module {module}"
-
-
 def _distribution_version(module: str) -> str | None:
     top = module.split(".")[0]
     for dist in importlib.metadata.packages_distributions().get(top, []):
@@ -251,6 +242,16 @@ def carried() -> Carried:
                 modules.add(module)
                 plugins.append(Plugin(module, module, "", required=False))
     return Carried(tuple(plugins), generic.declared())
+
+
+def check_shippable(parts: Iterable[dict[str, tuple[str, str]]]) -> None:
+    """Raise when a run's part was registered in ``__main__`` (a notebook cell, a script): no Ray worker can
+    import it."""
+    for run in parts:
+        for kind, name in run.values():
+            if getattr(_lookup(kind, name), "__module__", None) == "__main__":
+                raise BenchError(f"{kind} {name!r} is defined in __main__, which Ray workers cannot import: put it "
+                                 "in a file and load it as a plugin, or use the local executor")  # fmt: skip
 
 
 def ensure(carried: Carried) -> None:
@@ -320,7 +321,7 @@ def code_digests(parts: dict[str, tuple[str, str]]) -> dict[str, str]:
 
 
 def provenance(parts: dict[str, tuple[str, str]], code: dict[str, str]) -> tuple[dict[str, str], dict[str, bytes]]:
-    """MLflow tags ``code.<role>`` (name, origin, digest) and source files (file name → bytes) of a run's
+    """MLflow tags ``code.<role>`` (name, origin, source sha256, a generic model's settings) and source files (file name → bytes) of a run's
     parts that are not built in (``code``: the digests its spec carries)."""
     tags: dict[str, str] = {}
     files: dict[str, bytes] = {}
@@ -330,11 +331,12 @@ def provenance(parts: dict[str, tuple[str, str]], code: dict[str, str]) -> tuple
         module = ref.module_name if ref is not None else getattr(_lookup(kind, name), "__module__", "")
         plugin = _LOADED.get(module)
         origin = plugin.origin if plugin is not None else f"module {module}"
-        tags[f"code.{role}"] = f"{name} from {origin}, sha256 {digest}" + (f", {ref.canonical()}" if ref else "")
         source = plugin.source if plugin is not None and plugin.source is not None else None
         file = getattr(sys.modules.get(module), "__file__", None)
         if source is None and file and Path(file).is_file():
             source = Path(file).read_bytes()
+        where = f"source sha256 {sha256(source)[:16]}" if source is not None else f"digest {digest}"
+        tags[f"code.{role}"] = f"{name} from {origin}, {where}" + (f", {ref.canonical()}" if ref else "")
         if source is not None:
             files[f"{module}.py"] = source
     return tags, files

@@ -166,6 +166,21 @@ def test_a_plugin_run_records_its_source_and_digest(tmp_path, isolated):
     client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
     run = client.get_run(runs.run_id[0])
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    assert run.data.tags["code.method"] == f"kd2 from plugin file {path}, sha256 {digest}"
+    assert run.data.tags["code.method"] == f"kd2 from plugin file {path}, source sha256 {digest}"
     assert [a.path for a in client.list_artifacts(run.info.run_id, "code")] == ["code/kd2.py"]
     assert api.load_results(tiny, results_dir=results).run_id.tolist() == runs.run_id.tolist()
+
+
+def test_a_method_defined_in_main_is_refused_for_ray_in_one_line(tmp_path, isolated):
+    code = (
+        "from bench import api\nfrom methods.kd import KD\nfrom methods.base import register_method\n"
+        "class Mine(KD):\n    name = 'mine'\nregister_method(Mine)\n"
+        f"api.run_suite({{**{SUITE!r}, 'methods': ['mine']}}, executor='ray', results_dir={str(tmp_path / 'r')!r})\n"
+    )
+    (tmp_path / "script.py").write_text(code)  # a script (or a notebook) hashes its own source
+    proc = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and not (tmp_path / "r").exists()
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "bench.errors.BenchError: method 'mine' is defined in __main__, which Ray workers cannot import: put it in a "
+        "file and load it as a plugin, or use the local executor"
+    )

@@ -16,7 +16,7 @@ stage outputs into stage 0 (the stem is part of it; ``forward_stem`` is the iden
 value crossing a cut (a skip connection around a stage boundary) makes ``forward_stage`` refuse with one line.
 The pre-logit feature must be pooled: a (C,) or (C, 1, 1) output per sample.
 
-Construction probes the module once (eval mode, a zero image of 32, 64 or 224 pixels, the first that runs) for
+Construction probes the module once (eval mode, a zero image of 64, 32 or 224 pixels, the first that runs) for
 the stage channels and the feature width, and checks that the traced logits are the module's own output.
 
 :class:`ModelRef` is the suite entry; :func:`declare` registers it in the model registry under its display name
@@ -42,7 +42,7 @@ from bench.errors import BenchError, DuplicateName
 from bench.models.base import Features, StagedNet
 from bench.models.registry import register_model
 
-PROBE_SIZES = (32, 64, 224)
+PROBE_SIZES = (64, 32, 224)  # 64 first: a pooled feature is told from a small map
 
 
 @dataclass
@@ -142,7 +142,8 @@ def declare(ref: ModelRef, where: str = "model") -> str:
     try:
         register_model(factory, name=name)
     except DuplicateName as err:
-        raise BenchError(f"{where}: model name {name!r} is taken by {err.holder}; give it another `name:`") from None
+        raise BenchError(f"{where}: model name {name!r} is taken by {err.describe_holder()}; give it another "
+                         "`name:`") from None  # fmt: skip
     _DECLARED[name] = ref
     return name
 
