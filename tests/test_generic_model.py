@@ -61,6 +61,24 @@ def test_a_torchvision_resnet_keeps_its_keys_and_outputs_and_runs_stage_by_stage
     assert torch.equal(net(x), other(x))  # the wrapper runs its own (loaded) parameters
 
 
+@pytest.mark.parametrize("name, stages, feature", [
+    ("resnet18", ["layer1", "layer2", "layer3", "layer4"], None),
+    ("vit_tiny_patch16_224", ["blocks.3", "blocks.7", "blocks.11"], "fc_norm"),  # token stages; extra forward args
+])  # fmt: skip
+def test_timm_models_trace_too(name, stages, feature):
+    import timm
+
+    module = timm.create_model(name, num_classes=10).eval()
+    net = wrap_module(module, stages, feature).eval()
+    x = torch.randn(1, 3, 224, 224)
+    feats = net.forward_features(x)
+    assert torch.allclose(feats.logits, module(x), atol=1e-5) and len(feats.stages) == len(stages)
+    h = net.forward_stem(x)
+    for i in range(len(stages)):
+        h = net.forward_stage(i, h)
+    assert torch.allclose(net.forward_head(h)[1], feats.logits, atol=1e-5)
+
+
 def test_a_skip_across_a_stage_cut_refuses_stage_by_stage_in_one_line():
     net = wrap_module(Skip(), ["a", "b", "c"])
     assert len(net.forward_features(torch.randn(2, 1, 8, 8)).stages) == 3  # features still work

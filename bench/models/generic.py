@@ -8,7 +8,8 @@ final ``nn.Linear``) and the logits (the forward's result), in the train and the
 graph we generate Python code that looks its modules up on the wrapper at call time (``self.layer1...``), as
 ``GraphModule`` does, so the wrapper owns the module's children and root parameters under their own names:
 ``state_dict`` keys are the module's own (a checkpoint of the bare module loads as it is), ``.to()`` and module
-surgery (GPD) act on what the code runs. ``forward_features`` runs the whole graph once.
+surgery (GPD) act on what the code runs. ``forward_features`` runs the whole graph once. timm models trace too
+(a ViT's stages are its token maps; forward arguments other than the images take their defaults).
 
 Stage by stage (StableKD feeds a student stage the teacher's previous stage output): the graph is cut at the
 stage outputs into stage 0 (the stem is part of it; ``forward_stem`` is the identity), stages 1..K-1, the pooling
@@ -195,14 +196,16 @@ class _Plan:
     why_not: str = ""
 
 
-def _compile(nodes: list[torch.fx.Node], source: torch.fx.Node, result: Any, label: str) -> Callable:
+def _compile(nodes: list[torch.fx.Node], source: torch.fx.Node, result: Any, label: str,
+             defaults: dict[torch.fx.Node, Any]) -> Callable:  # fmt: skip
     """Python code for ``nodes`` (in order) reading ``source`` as its input and returning ``result`` (nodes),
-    with module lookups on the ``self`` it is called with. Raises ``_NotAChain`` when a node reads a value that
-    is neither ``source`` nor computed by ``nodes`` (constants are re-created)."""
+    with module lookups on the ``self`` it is called with; the forward's other arguments take their ``defaults``.
+    Raises ``_NotAChain`` when a node reads a value that is neither ``source`` nor computed by ``nodes``
+    (constants are re-created)."""
     graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {source: graph.placeholder("x")}
+    env: dict[torch.fx.Node, Any] = {source: graph.placeholder("x"), **defaults}
 
-    def arg(node: torch.fx.Node) -> torch.fx.Node:
+    def arg(node: torch.fx.Node) -> Any:
         if node not in env:
             if node.op != "get_attr":
                 raise _NotAChain(node.name)
@@ -222,8 +225,9 @@ def _compile(nodes: list[torch.fx.Node], source: torch.fx.Node, result: Any, lab
 def _plan(graph: torch.fx.Graph, feature: str | None, model: nn.Module, label: str, num_stages: int) -> _Plan:
     nodes = list(graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
-    if len(inputs) != 1:
-        raise BenchError(f"model {label}: its forward takes {len(inputs)} inputs; the wrapper feeds it one (images)")
+    if not inputs or any(not n.args for n in inputs[1:]):
+        raise BenchError(f"model {label}: its forward must take the images, and nothing else without a default")
+    defaults = {n: n.args[0] for n in inputs[1:]}
     returned = next(n for n in nodes if n.op == "output").args[0]
     stages = [returned[f"stage{i}"] for i in range(num_stages)]
     logits = returned["logits"]
@@ -238,10 +242,10 @@ def _plan(graph: torch.fx.Graph, feature: str | None, model: nn.Module, label: s
     if any(where[a] >= where[b] for a, b in zip(cuts, cuts[1:])):
         raise BenchError(f"model {label}: stages, feature and logits must come in forward order, one after the other")
     outputs = {**{f"stage{i}": s for i, s in enumerate(stages)}, "feature": feat, "logits": logits}
-    full = _compile(nodes[: where[logits] + 1], inputs[0], outputs, label)
+    full = _compile(nodes[: where[logits] + 1], inputs[0], outputs, label, defaults)
     try:
         starts = [inputs[0], *cuts[:-1]]
-        pieces = [_compile(nodes[where[a] + 1 : where[b] + 1], a, b, label) for a, b in zip(starts, cuts)]
+        pieces = [_compile(nodes[where[a] + 1 : where[b] + 1], a, b, label, defaults) for a, b in zip(starts, cuts)]
     except _NotAChain as err:
         return _Plan(full, None, f"model {label} cannot run stage by stage: node {err} crosses a stage boundary "
                                  "(a skip connection around a cut)")  # fmt: skip
