@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from bench.api import load_plugins  # the installed entry points, then --plugin (relative to this folder)
 
-        load_plugins([] if args.command == "new" else args.plugin, where="--plugin")
+        load_plugins([] if args.command == "new" else getattr(args, "plugin", []), where="--plugin")
         return COMMANDS[args.command](args)
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
