@@ -1,4 +1,5 @@
-"""kdbench command line: ``python -m bench {run,sweep,validate,tables,list} ...`` (also ``kdbench``).
+"""kdbench command line: ``python -m bench {run,sweep,validate,tables,list,new} ...`` (also ``kdbench``), a thin
+layer over the Python API (``bench.api``).
 
 Exit codes: 0 every run finished, 1 some run failed (the others still finished and were recorded),
 2 bad input (one line on stderr, nothing started or written), 130 interrupted (re-run to resume).
@@ -6,7 +7,6 @@ Exit codes: 0 every run finished, 1 some run failed (the others still finished a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -21,14 +21,26 @@ EPILOG = """examples:
   python -m bench validate                      # check every shipped suite (or name some) without running
   python -m bench tables mini                   # rebuild results/mini/{runs.csv,tables.md,convergence.png}
   python -m bench list methods                  # models | methods | datasets | suites
+  python -m bench run my-suite.yaml --plugin ./my_kd.py   # a plugin's methods, models and datasets
+  python -m bench new method my_kd --plugin ~/my_kd      # a method file + its tests, outside the repository
+
+plugins: a suite's `plugins:` list, --plugin (repeatable), and the `kdbench.plugins` entry points of installed
+packages (always loaded).
 
 environment: KDBENCH_DATA (data root), MLFLOW_TRACKING_URI (tracking store; default
 sqlite:///results/mlflow.db), RAY_ADDRESS (run on an existing Ray cluster), CUDA_VISIBLE_DEVICES."""
 
 
+def _add_plugin(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import a plugin first: a module name or a .py file registering methods, models or "
+                   "datasets (repeatable)")  # fmt: skip
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", type=Path, default=Path("results"), help="output folder (default: results/)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite under --results)")
+    _add_plugin(p)
 
 
 def _add_execution(p: argparse.ArgumentParser) -> None:
@@ -65,10 +77,9 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
 
 def with_speed_flags(suite, args):
     """The suite with --amp / --channels-last / --compile set in its recipe (they are part of each run's hash)."""
-    from dataclasses import replace
+    from bench.api import SPEED_FLAGS, with_speed_flags as apply
 
-    changes = {k: True for k in ("amp", "channels_last", "compile") if getattr(args, k)}
-    return replace(suite, recipe=replace(suite.recipe, **changes)) if changes else suite
+    return apply(suite, {k: getattr(args, k) for k in SPEED_FLAGS})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check suite files; exit 2 with the first error")
     val.add_argument("suites", nargs="*", help="suite names or YAML paths (default: every suite under suites/)")
+    _add_plugin(val)
 
     tab = sub.add_parser("tables", help="rebuild runs.csv, tables.md and convergence.png from MLflow")
     tab.add_argument("suite")
@@ -108,95 +120,88 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list models, methods, datasets or suites")
     lst.add_argument("what", choices=["models", "methods", "datasets", "suites"])
+    _add_plugin(lst)
+
+    new = sub.add_parser("new", help="write a new method: its file and its tests, in the repository or as a plugin",
+                         description="Write a method file (a pure loss function + a thin adapter) and a test file "
+                         "(a hand-computed loss check and a one-epoch digits run): methods/NAME.py and "
+                         "tests/test_NAME.py of this checkout, or with --plugin DIR, DIR/NAME.py (a plugin) and "
+                         "DIR/test_NAME.py. Existing files are never overwritten.")  # fmt: skip
+    new.add_argument("what", choices=["method"])
+    new.add_argument("name", help="the method's name: lower case, a Python identifier (e.g. my_kd)")
+    new.add_argument("--plugin", type=Path, metavar="DIR", help="write a plugin into DIR instead of the repository")
     return parser
 
 
-def run_options(args, executor: str):
-    from bench.run import RunOptions
-
-    return RunOptions(
+def run_options(args, executor: str) -> dict:
+    return dict(
         results_dir=args.results, data_root=args.data_root, download=args.download, device=args.device,
         rerun=args.rerun, tracking_uri=args.tracking_uri, teacher_dir=args.teacher_dir,
         progress=not args.no_progress and sys.stderr.isatty(), executor=executor, cpus_per_run=args.cpus_per_run,
         gpus_per_run=args.gpus_per_run, address=args.address, share_teacher=args.share_teacher,
         teacher_cache=args.teacher_cache, device_data=args.device_data,
+        amp=args.amp, channels_last=args.channels_last, compile=args.compile,
     )  # fmt: skip
 
 
 def cmd_run(args) -> int:
-    from bench.report import write_tables
-    from bench.run import make_tracker, run_suite, suite_dir
-    from bench.suites import load_suite
+    from bench import api
 
-    suite = with_speed_flags(load_suite(args.suite), args)
-    options = run_options(args, executor=args.executor)
-    report = run_suite(suite, options)
-    out = suite_dir(options, suite)
-    frame = write_tables(suite, make_tracker(suite, options), out)
-    print((out / "tables.md").read_text())
-    print(f"wrote {out}/runs.csv, tables.md, convergence.png ({len(frame)} runs); "
+    result = api.run(args.suite, **run_options(args, executor=args.executor))
+    report = result.report
+    print((result.out / "tables.md").read_text())
+    print(f"wrote {result.out}/runs.csv, tables.md, convergence.png ({len(result.frame)} runs); "
           f"{len(report.finished)} ran, {len(report.skipped)} skipped, {len(report.failed)} failed")  # fmt: skip
     return report.exit_code
 
 
 def cmd_sweep(args) -> int:
-    from bench.run.sweep import run_sweep
-    from bench.suites import load_suite
+    from bench import api
 
-    suite = with_speed_flags(load_suite(args.suite), args)
-    report = run_sweep(suite, run_options(args, executor="ray"))
-    return report.exit_code
+    return api.sweep(args.suite, **run_options(args, executor="ray")).exit_code
 
 
 def cmd_validate(args) -> int:
-    from bench.suites import expand, list_suites, load_suite
+    from bench import api
 
-    for name in args.suites or list_suites():
-        suite = load_suite(name)
-        sweep = ""
-        if suite.sweep is not None:
-            from bench.sweep import parse_sweep
-
-            sweep = f", sweep of {parse_sweep(suite).num_trials} trials"
-        print(f"ok: {suite.path} ({len(expand(suite))} runs{sweep})")
+    for line in api.validate(args.suites):
+        print(line)
     return 0
 
 
 def cmd_tables(args) -> int:
-    from bench.report import write_tables
-    from bench.run import RunOptions, make_tracker, suite_dir
-    from bench.suites import load_suite
+    from bench import api
 
-    suite = load_suite(args.suite)
-    options = RunOptions(results_dir=args.results, tracking_uri=args.tracking_uri)
-    db = options.results_dir / "mlflow.db"
-    if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")) and not db.exists():
-        raise BenchError(f"no runs yet: {db} does not exist (run `python -m bench run {args.suite}` first)")
-    out = suite_dir(options, suite)
-    write_tables(suite, make_tracker(suite, options), out)
-    print((out / "tables.md").read_text())
+    result = api.tables(args.suite, results_dir=args.results, tracking_uri=args.tracking_uri)
+    print((result.out / "tables.md").read_text())
     return 0
 
 
 def cmd_list(args) -> int:
-    if args.what == "models":
-        from bench.models import list_models as items
-    elif args.what == "methods":
-        from methods import list_methods as items
-    elif args.what == "datasets":
-        from bench.data import list_datasets as items
-    else:
-        from bench.suites import list_suites as items
-    print("\n".join(items()))
+    from bench import api
+
+    print("\n".join(api.available(args.what)))
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "tables": cmd_tables, "list": cmd_list}
+def cmd_new(args) -> int:
+    from bench.scaffold import new_method
+
+    for path in new_method(args.name, args.plugin):
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "tables": cmd_tables, "list": cmd_list,
+            "new": cmd_new}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from bench.api import load_plugins  # the installed entry points, then --plugin (relative to this folder)
+
+        load_plugins([] if args.command == "new" else getattr(args, "plugin", []), where="--plugin")
         return COMMANDS[args.command](args)
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.errors import BenchError
+from bench.errors import BenchError, DuplicateName
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -89,7 +89,11 @@ _DATASETS: dict[str, DatasetLoader] = {}
 
 
 def register_dataset(name: str):
+    """Decorator: register ``fn(root, download) -> Splits`` as dataset ``name`` (built-ins and plugins alike)."""
+
     def wrap(fn: DatasetLoader) -> DatasetLoader:
+        if name in _DATASETS:
+            raise DuplicateName("dataset", name, _DATASETS[name].__module__)
         _DATASETS[name] = fn
         return fn
 

@@ -19,6 +19,7 @@ Example (``suites/mini.yaml``)::
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,21 @@ from bench.data import list_datasets
 from bench.engine import Recipe
 from bench.errors import BenchError
 
-SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+
+
+def shipped_suites_dir() -> Path:
+    """The shipped suite files: ``suites/`` of a source checkout, else the installed package data
+    (``kdbench_suites``, the same folder shipped in the wheel), found with ``importlib.resources``."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "suites").is_dir():
+        return checkout / "suites"
+    try:
+        return Path(str(importlib.resources.files("kdbench_suites")))
+    except ModuleNotFoundError:
+        return checkout / "suites"
+
+
+SUITES_DIR = shipped_suites_dir()
 
 
 @dataclass
@@ -115,6 +130,7 @@ class Suite:
     reference_sources: dict[str, Provenance] = field(default_factory=dict)  # per method label (or teacher/student)
     sweep: dict[str, Any] | None = None
     share_teacher: bool = True  # offline runs sharing teacher and batches train in lockstep (bench.lockstep)
+    plugins: list[str] = field(default_factory=list)  # loaded when the suite is parsed (bench.plugins)
     path: Path | None = None
 
     def online_methods(self) -> set[str]:
@@ -140,10 +156,18 @@ class TeacherSpec:
     seed: int
     fraction: float
     checkpoint: str | None = None
+    code: dict[str, str] = field(default_factory=dict)  # source digests of parts not built in (bench.plugins)
 
     @property
     def hash(self) -> str:
-        return content_hash(to_dict(self))
+        data = to_dict(self)
+        if not self.code:  # built-in teachers keep the hashes they always had
+            del data["code"]
+        return content_hash(data)
+
+    @property
+    def parts(self) -> dict[str, tuple[str, str]]:
+        return {"model": ("model", self.model), "dataset": ("dataset", self.dataset)}
 
 
 @dataclass(frozen=True)
@@ -160,10 +184,12 @@ class RunSpec:
     recipe: Recipe
     teacher_spec: TeacherSpec | None
     target_top1: float | None = None
+    code: dict[str, str] = field(default_factory=dict)  # source digests of parts not built in (bench.plugins)
 
     @property
     def hash(self) -> str:
-        """Stable over everything that changes the result; not the suite name or the column label."""
+        """Stable over everything that changes the result; not the suite name or the column label. A part that
+        is not built in (a plugin's method, model or dataset) adds the digest of its source."""
         return content_hash(
             {
                 "dataset": self.dataset,
@@ -174,8 +200,14 @@ class RunSpec:
                 "fraction": self.fraction,
                 "seed": self.seed,
                 "recipe": to_dict(self.recipe),
+                **({"code": self.code} if self.code else {}),
             }
         )
+
+    @property
+    def parts(self) -> dict[str, tuple[str, str]]:
+        """Role → (registry kind, name) of what this run is made of."""
+        return run_parts(self.method, self.student, self.teacher, self.dataset)
 
     @property
     def run_name(self) -> str:
@@ -199,6 +231,11 @@ class RunSpec:
         if self.teacher_spec is not None:
             flat["teacher_hash"] = self.teacher_spec.hash
         return flat
+
+
+def run_parts(method: str, student: str, teacher: str, dataset: str) -> dict[str, tuple[str, str]]:
+    return {"method": ("method", method), "student": ("model", student), "teacher": ("model", teacher),
+            "dataset": ("dataset", dataset)}  # fmt: skip
 
 
 def content_hash(data: Any) -> str:
@@ -271,18 +308,25 @@ def _nonempty_list(raw: dict, key: str, where: str) -> list:
 
 
 def parse_suite(raw: Any, path: Path | None = None) -> Suite:
+    """A suite from a mapping (a YAML file's content, or a Python dict: the same schema and checks). Its
+    ``plugins`` (paths relative to the suite file, else the current folder) are loaded first."""
     from bench.models import is_known_model
+    from bench.models.generic import declare_pair_models
+    from bench.plugins import load as load_plugins
 
     where = str(path) if path else "suite"
     if not isinstance(raw, dict):
         raise BenchError(f"{where}: a suite file must be a YAML mapping")
     allowed = {
         "name", "description", "dataset", "pairs", "methods", "fractions", "seeds", "recipe", "teacher",
-        "target_top1", "resources", "reference_note", "reference_sources", "sweep", "share_teacher",
+        "target_top1", "resources", "reference_note", "reference_sources", "sweep", "share_teacher", "plugins",
     }  # fmt: skip
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise BenchError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+    base = path.resolve().parent if path else None
+    plugins = raw.get("plugins") or []
+    load_plugins(plugins, base, f"{where}.plugins")
     for key in ("name", "dataset"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise BenchError(f"{where}.{key}: required, a non-empty string")
@@ -290,7 +334,7 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
         raise BenchError(f"{where}.dataset: unknown dataset {raw['dataset']!r} (known: {', '.join(list_datasets())})")
     pairs = []
     for i, p in enumerate(_nonempty_list(raw, "pairs", where)):
-        pair = from_mapping(Pair, p, f"{where}.pairs[{i}]")
+        pair = from_mapping(Pair, declare_pair_models(p, base, f"{where}.pairs[{i}]"), f"{where}.pairs[{i}]")
         for role in ("teacher", "student"):
             if not is_known_model(getattr(pair, role)):
                 raise BenchError(
@@ -357,6 +401,7 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
         reference_sources=sources,
         sweep=sweep,
         share_teacher=share,
+        plugins=list(plugins),
         path=path,
     )
 
@@ -379,8 +424,10 @@ def load_suite(name_or_path: str | Path) -> Suite:
 
 
 def teacher_spec(suite: Suite, pair: Pair) -> TeacherSpec:
+    from bench.plugins import code_digests
+
     recipe = from_mapping(Recipe, suite.teacher.recipe, "teacher.recipe", base=suite.recipe)
-    return TeacherSpec(
+    spec = TeacherSpec(
         dataset=suite.dataset,
         model=pair.teacher,
         recipe=recipe,
@@ -388,10 +435,12 @@ def teacher_spec(suite: Suite, pair: Pair) -> TeacherSpec:
         fraction=suite.teacher.fraction,
         checkpoint=pair.teacher_checkpoint,
     )
+    return replace(spec, code=code_digests(spec.parts))
 
 
 def expand(suite: Suite) -> list[RunSpec]:
     """One RunSpec per (pair, method, fraction, seed), in that nesting order."""
+    from bench.plugins import code_digests
     from methods import build_hparams, get_method
 
     specs = []
@@ -404,6 +453,7 @@ def expand(suite: Suite) -> list[RunSpec]:
             values = {**entry.hparams, **pair.hparams.get(entry.label, {})}
             hparams = to_dict(build_hparams(entry.name, values, entry.label))
             tspec = teacher_spec(suite, pair) if cls.teacher_mode == "offline" else None
+            code = code_digests(run_parts(entry.name, pair.student, pair.teacher, suite.dataset))
             for fraction in suite.fractions:
                 for seed in suite.seeds:
                     specs.append(
@@ -420,6 +470,7 @@ def expand(suite: Suite) -> list[RunSpec]:
                             recipe=recipe,
                             teacher_spec=tspec,
                             target_top1=suite.target_top1,
+                            code=code,
                         )
                     )
     return specs

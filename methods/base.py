@@ -18,7 +18,7 @@ from bench import engine
 from bench.config import from_mapping
 from bench.data import DatasetInfo
 from bench.engine import History, Hooks, Recipe, Task
-from bench.errors import BenchError
+from bench.errors import BenchError, DuplicateName
 from bench.models import Features, StagedNet, count_parameters
 from bench.teacher_cache import teacher_cache_for
 
@@ -153,8 +153,13 @@ _METHODS: dict[str, type[Method]] = {}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a ``Method`` subclass under its ``name`` (built-ins and plugins alike)."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise BenchError(f"register_method: {cls!r} is not a subclass of methods.base.Method")
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise BenchError(f"register_method: {cls.__qualname__} has no `name` (a non-empty string class attribute)")
     if cls.name in _METHODS:
-        raise ValueError(f"method {cls.name!r} registered twice")
+        raise DuplicateName("method", cls.name, _METHODS[cls.name].__module__)
     _METHODS[cls.name] = cls
     return cls
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from bench.errors import BenchError
+from bench.errors import BenchError, DuplicateName
 from bench.models.base import StagedNet
 
 ModelFactory = Callable[..., StagedNet]
@@ -22,7 +22,7 @@ def register_model(fn: ModelFactory | None = None, *, name: str | None = None):
     def wrap(f: ModelFactory) -> ModelFactory:
         key = name or f.__name__
         if key in _REGISTRY:
-            raise ValueError(f"model {key!r} registered twice")
+            raise DuplicateName("model", key, _REGISTRY[key].__module__)
         _REGISTRY[key] = f
         return f
 
@@ -31,6 +31,8 @@ def register_model(fn: ModelFactory | None = None, *, name: str | None = None):
 
 def register_prefix(prefix: str, factory: Callable[..., StagedNet]) -> None:
     """``factory(name, num_classes, in_channels, **kwargs)`` serves every ``<prefix>:<name>``."""
+    if prefix in _PREFIXES:
+        raise DuplicateName("model prefix", prefix, _PREFIXES[prefix].__module__)
     _PREFIXES[prefix] = factory
 
 

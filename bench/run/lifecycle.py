@@ -38,6 +38,7 @@ from bench.errors import BenchError
 from bench.lockstep import fit_lockstep
 from bench.locks import exclusive_lock
 from bench.models import create_model
+from bench.plugins import provenance
 from bench.run.jobs import SKIPPED, Outcome, teacher_specs
 from bench.run.options import RunOptions
 from bench.suites import RunSpec
@@ -77,6 +78,20 @@ class Run:
         self.run_dir = ws.run_root / spec.hash
         self.run_id, self.resumed = ws.tracker.start(spec.run_name, spec.hash, spec.params(), tags)
         self.outcome: Outcome | None = None  # set when the run ends
+        if spec.code:
+            self.record_code()
+
+    def record_code(self) -> None:
+        """The parts not built in (a plugin's method, model, dataset): tags ``code.<role>`` (origin and source
+        digest) and their source files as artifacts under ``code/``."""
+        tags, files = provenance(self.spec.parts, self.spec.code)
+        self.ws.tracker.set_tags(self.run_id, tags)
+        if files:
+            folder = self.run_dir / "code"
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, data in files.items():
+                (folder / name).write_bytes(data)
+            self.ws.tracker.log_artifact(self.run_id, folder)
 
     def prepare(self, teacher_model: torch.nn.Module | None, on_epoch: OnEpoch | None = None, train_loader=None) -> None:
         """Loaders, student and method (around ``teacher_model`` for an offline method; an online method builds

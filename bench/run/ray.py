@@ -19,7 +19,7 @@ import os
 import shutil
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -31,6 +31,7 @@ from ray.tune.search import Searcher
 
 from bench.data import data_root, load_dataset
 from bench.errors import BenchError
+from bench.plugins import Carried, carried, ensure
 from bench.run.jobs import (
     SKIPPED,
     STOPPED,
@@ -193,6 +194,7 @@ class TrialContext:
     threads: int
     gpus: float
     metric: str | None = None  # the Tune metric (sweeps): replayed from MLflow for specs already finished
+    plugins: Carried = field(default_factory=carried)  # what the driver loaded: loaded first in every trial
 
 
 _WORKER_CACHE: dict[tuple, Any] = {}  # per worker process (actors are reused between trials)
@@ -216,6 +218,7 @@ def tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """One Tune trial: a teacher job, one run spec or a lockstep group. Reports every epoch (tagged
     ``kdb_spec``: a group's runs report in turn), then one final result per spec whose ``kdb_status`` /
     ``kdb_error`` / ``kdb_run_id`` the driver reads."""
+    ensure(ctx.plugins)  # the plugins' methods, models and datasets, before the job names them
     torch.set_num_threads(ctx.threads)
     job = ctx.resolve(config)
     opts = ctx.options
