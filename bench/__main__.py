@@ -1,7 +1,8 @@
-"""kdbench command line: ``python -m bench {run,sweep,validate,tables,list} ...`` (also ``kdbench``).
+"""kdbench command line: ``python -m bench {run,sweep,validate,tables,compare,list} ...`` (also ``kdbench``).
 
 Exit codes: 0 every run finished, 1 some run failed (the others still finished and were recorded),
 2 bad input (one line on stderr, nothing started or written), 130 interrupted (re-run to resume).
+``compare``: 0 nothing regressed, 1 a cell regressed, 2 bad input.
 """
 from __future__ import annotations
 
@@ -19,11 +20,15 @@ EPILOG = """examples:
   python -m bench run mini --cpus-per-run 2     # Ray Tune trials of 2 CPUs (torch threads) each
   python -m bench sweep ablation-kd-temperature # hyperparameter search (Ray Tune), re-run the best on test
   python -m bench validate                      # check every shipped suite (or name some) without running
-  python -m bench tables mini                   # rebuild results/mini/{runs.csv,tables.md,convergence.png}
+  python -m bench tables mini                   # rebuild results/mini/{runs.csv,tables.md,summary.csv,*.png}
+  python -m bench compare results/mini /mnt/other/results/mini   # per cell B - A; exit 1 if B regressed
   python -m bench list methods                  # models | methods | datasets | suites
 
 environment: KDBENCH_DATA (data root), MLFLOW_TRACKING_URI (tracking store; default
 sqlite:///results/mlflow.db), RAY_ADDRESS (run on an existing Ray cluster), CUDA_VISIBLE_DEVICES."""
+
+
+CI_HELP = "accuracy cells as mean and 95 %% interval over seeds instead of mean ± std"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -88,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", choices=["ray", "local"], default="ray",
                      help="ray: one Ray Tune trial per run, side by side (default); local: one after another "
                      "in this process")  # fmt: skip
+    run.add_argument("--ci", action="store_true", help=CI_HELP)
     _add_execution(run)
 
     swp = sub.add_parser("sweep", help="hyperparameter search of a suite's `sweep:` section (Ray Tune)",
@@ -104,7 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     tab = sub.add_parser("tables", help="rebuild runs.csv, tables.md and convergence.png from MLflow")
     tab.add_argument("suite")
+    tab.add_argument("--ci", action="store_true", help=CI_HELP)
     _add_common(tab)
+
+    cmp = sub.add_parser("compare", help="compare two result sets of one suite cell by cell; exit 1 on a regression",
+                         description="Per cell (pair × fraction × method): both means, B − A with its 95 % interval "
+                         "(paired by seed where both have the same seeds, else Welch), and REGRESSED where B is worse "
+                         "by more than --tolerance points and the interval lies below 0. Exit 0: nothing regressed; "
+                         "1: something did; 2: bad input.")  # fmt: skip
+    cmp.add_argument("a", type=Path, help="the reference: a results folder of one suite, a suite's folder, or runs.csv")
+    cmp.add_argument("b", type=Path, help="the result set checked against A (same forms)")
+    cmp.add_argument("--tolerance", type=float, default=0.5, help="points B may be worse before it counts (default 0.5)")
+    cmp.add_argument("--metric", default="top1", help="runs.csv column to compare (default top1: final epoch)")
+    cmp.add_argument("--json", type=Path, help="also write the per-cell comparison as JSON")
 
     lst = sub.add_parser("list", help="list models, methods, datasets or suites")
     lst.add_argument("what", choices=["models", "methods", "datasets", "suites"])
@@ -132,9 +150,9 @@ def cmd_run(args) -> int:
     options = run_options(args, executor=args.executor)
     report = run_suite(suite, options)
     out = suite_dir(options, suite)
-    frame = write_tables(suite, make_tracker(suite, options), out)
+    frame = write_tables(suite, make_tracker(suite, options), out, ci=args.ci)
     print((out / "tables.md").read_text())
-    print(f"wrote {out}/runs.csv, tables.md, convergence.png ({len(frame)} runs); "
+    print(f"wrote {out}/runs.csv, tables.md, summary.csv, summary.png, convergence.png ({len(frame)} runs); "
           f"{len(report.finished)} ran, {len(report.skipped)} skipped, {len(report.failed)} failed")  # fmt: skip
     return report.exit_code
 
@@ -173,9 +191,17 @@ def cmd_tables(args) -> int:
     if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")) and not db.exists():
         raise BenchError(f"no runs yet: {db} does not exist (run `python -m bench run {args.suite}` first)")
     out = suite_dir(options, suite)
-    write_tables(suite, make_tracker(suite, options), out)
+    write_tables(suite, make_tracker(suite, options), out, ci=args.ci)
     print((out / "tables.md").read_text())
     return 0
+
+
+def cmd_compare(args) -> int:
+    from bench.report.compare import compare
+
+    text, code = compare(args.a, args.b, args.metric, args.tolerance, args.json)
+    print(text)
+    return code
 
 
 def cmd_list(args) -> int:
@@ -191,7 +217,8 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "tables": cmd_tables, "list": cmd_list}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "tables": cmd_tables,
+            "compare": cmd_compare, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:
