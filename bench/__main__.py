@@ -114,13 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(tab)
 
     cmp = sub.add_parser("compare", help="compare two result sets of one suite cell by cell; exit 1 on a regression",
-                         description="Per cell (pair × fraction × method): both means, B − A with its 95 % interval "
-                         "(paired by seed where both have the same seeds, else Welch), and REGRESSED where B is worse "
-                         "by more than --tolerance points and the interval lies below 0. Exit 0: nothing regressed; "
-                         "1: something did; 2: bad input.")  # fmt: skip
+                         description="Per cell (pair × fraction × method): both means, B − A with its 95 % "
+                         "interval (paired by seed where both have the same seeds, else Welch), and REGRESSED where B "
+                         "is worse by more than --tolerance points and the interval lies below 0. Exit 0: nothing "
+                         "regressed; 1: something did; 2: bad input.")  # fmt: skip
     cmp.add_argument("a", type=Path, help="the reference: a results folder of one suite, a suite's folder, or runs.csv")
     cmp.add_argument("b", type=Path, help="the result set checked against A (same forms)")
-    cmp.add_argument("--tolerance", type=float, default=0.5, help="points B may be worse before it counts (default 0.5)")
+    cmp.add_argument("--tolerance", type=float, default=0.5,
+                     help="points B may be worse before it counts (default 0.5)")
     cmp.add_argument("--metric", default="top1", help="runs.csv column to compare (default top1: final epoch)")
     cmp.add_argument("--json", type=Path, help="also write the per-cell comparison as JSON")
 

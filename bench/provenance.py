@@ -165,7 +165,8 @@ def start_invocation(folder: Path, argv: list[str] | None = None) -> Invocation:
     diff_text = git_diff()
     diff = None
     if diff_text:
-        diff = (folder / "environment" / f"git-diff-{hashlib.sha256(diff_text.encode()).hexdigest()[:12]}.patch").resolve()
+        digest = hashlib.sha256(diff_text.encode()).hexdigest()[:12]
+        diff = (folder / "environment" / f"git-diff-{digest}.patch").resolve()
         if not diff.exists():
             _write_atomically(diff, diff_text)
     argv = sys.argv[1:] if argv is None else argv
@@ -183,7 +184,8 @@ def run_tags(invocation: Invocation | None, device: torch.device) -> dict[str, s
         commit, dirty, source = invocation.git_commit, invocation.git_dirty, invocation.source_name
     tags = {"git_commit": commit[:12], "git_dirty": str(dirty).lower(), "kdbench_version": kdbench_version(),
             "torch_version": torch.__version__, **device_tags(device), **numeric_tags(),
-            "mlflow.source.git.commit": commit, "mlflow.source.name": source[:500], "mlflow.source.type": "LOCAL"}  # fmt: skip
+            "mlflow.source.git.commit": commit, "mlflow.source.name": source[:500],
+            "mlflow.source.type": "LOCAL"}  # fmt: skip
     if invocation is not None:
         tags["environment"] = str(invocation.environment)
     return tags
@@ -218,6 +220,7 @@ def dataset_inputs(dataset: str, fraction: float, seed: int, splits: dict[str, t
 def run_note(spec: "RunSpec", teacher_mode: str, num_train: int) -> str:
     """The spec as one readable paragraph (``mlflow.note.content``); ``teacher_mode``: the method's."""
     r = spec.recipe
+    target = f"; epochs-to-target counts from {spec.target_top1:g} % test top-1" if spec.target_top1 is not None else ""
     hp = ", ".join(f"{k}={v}" for k, v in spec.hparams.items()) or "defaults"
     teacher = {"offline": f"distilled from the frozen teacher {spec.teacher}",
                "online": f"together with the teacher {spec.teacher}, trained from scratch beside it"}.get(
@@ -229,4 +232,4 @@ def run_note(spec: "RunSpec", teacher_mode: str, num_train: int) -> str:
             f"{r.augment}{f', validation split {r.val_fraction:g}' if r.val_fraction else ''}"
             f"{', bf16 autocast' if r.amp else ''}{', channels-last' if r.channels_last else ''}"
             f"{', torch.compile' if r.compile else ''}. Suite `{spec.suite}`, spec hash {spec.hash}"
-            f"{f'; epochs-to-target counts from {spec.target_top1:g} % test top-1' if spec.target_top1 is not None else ''}.")
+            f"{target}.")

@@ -10,8 +10,9 @@ from tests.benchmarks.report import render
 
 
 def bench_run(medians: dict[str, float]) -> dict:
-    return {"datetime": "now", "benchmarks": [{"fullname": f"tests/benchmarks/t.py::{n}", "name": n, "group": None,
-                                               "stats": {"median": m}, "extra_info": {}} for n, m in medians.items()]}  # fmt: skip
+    rows = [{"fullname": f"tests/benchmarks/t.py::{n}", "name": n, "group": None, "stats": {"median": m},
+             "extra_info": {}} for n, m in medians.items()]  # fmt: skip
+    return {"datetime": "now", "benchmarks": rows}
 
 
 def test_a_slower_median_is_remeasured_once_and_counts_only_if_slower_again():

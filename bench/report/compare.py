@@ -55,7 +55,8 @@ def find_runs_csv(path: Path) -> Path:
         return found[0]
     if not found:
         raise BenchError(f"{path}: no runs.csv in it or in its sub-folders (give a suite's folder or its runs.csv)")
-    raise BenchError(f"{path}: runs of several suites ({', '.join(p.parent.name for p in found)}); give one suite's folder")
+    names = ", ".join(p.parent.name for p in found)
+    raise BenchError(f"{path}: runs of several suites ({names}); give one suite's folder")
 
 
 def load_result_set(path: Path, metric: str) -> ResultSet:
@@ -63,7 +64,8 @@ def load_result_set(path: Path, metric: str) -> ResultSet:
     try:
         runs = pd.read_csv(csv)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise BenchError(f"{csv}: not a runs.csv ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BenchError(f"{csv}: not a runs.csv ({reason})") from None
     missing = [c for c in [*KEY, "seed", "status", metric] if c not in runs]
     if missing:
         raise BenchError(f"{csv}: not a runs.csv of kdbench (no column {missing[0]!r})")
@@ -130,16 +132,18 @@ def _mean(value: float, n: int) -> str:
 def render(a: ResultSet, b: ResultSet, cells: list[CellComparison], metric: str, tolerance: float) -> str:
     lines = [f"A: {a.path} ({len(a.runs)} finished runs; {a.produced_by})",
              f"B: {b.path} ({len(b.runs)} finished runs; {b.produced_by})",
-             f"suite {b.suite or a.suite or '?'}, metric {metric}; B − A with its 95 % interval (paired by seed where both "
-             f"have the same seeds, else Welch); REGRESSED: B worse by more than {tolerance:g} points and the "
-             "interval below 0", "",
-             "| cell | A mean (n) | B mean (n) | B − A [95 % CI] | test | |", "|---|---|---|---|---|---|"]  # fmt: skip
+             f"suite {b.suite or a.suite or '?'}, metric {metric}; B − A with its 95 % interval (paired by seed "
+             f"where both have the same seeds, else Welch); REGRESSED: B worse by more than {tolerance:g} points and "
+             "the interval below 0", "",
+             "| cell | A mean (n) | B mean (n) | B − A [95 % CI] | test | |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for c in cells:
         flag = "**REGRESSED**" if c.regressed else ("better" if c.better else "")
         if not c.test:
             flag = "only in A" if c.n_a else "only in B"
-        lines.append(f"| {c.cell} | {_mean(c.mean_a, c.n_a)} | {_mean(c.mean_b, c.n_b)} | "
-                     f"{interval(*c.diff, signed=True) if c.test else '—'} | {c.test or '—'} | {flag} |")  # fmt: skip
+        diff = interval(*c.diff, signed=True) if c.test else "—"
+        lines.append(f"| {c.cell} | {_mean(c.mean_a, c.n_a)} | {_mean(c.mean_b, c.n_b)} | {diff} | {c.test or '—'} "
+                     f"| {flag} |")  # fmt: skip
     regressed = [c for c in cells if c.regressed]
     lines += ["", f"{len(regressed)} of {sum(1 for c in cells if c.test)} common cells regressed"
               + (f": {', '.join(c.cell for c in regressed)}" if regressed else "")

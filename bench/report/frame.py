@@ -13,7 +13,8 @@ from bench.tracking import Tracker
 
 PROVENANCE_COLUMNS = ["git_commit", "git_dirty", "torch_version", "device", "device_name", "device_count"]
 RUN_COLUMNS = [
-    "suite", "dataset", "teacher", "student", "method", "label", "fraction", "seed", "status", "top1", "top5", "nll", "ece",
+    "suite", "dataset", "teacher", "student", "method", "label", "fraction", "seed", "status", "top1", "top5", "nll",
+    "ece",
     "brier", "best_top1", "best_epoch", "epochs_to_target", "auc_top1", "wall_s", "teacher_top1", "extra_params",
     "spec_hash", "run_id", "error", *PROVENANCE_COLUMNS,
 ]  # fmt: skip
@@ -33,7 +34,8 @@ def runs_frame(tracker: Tracker, specs: list[RunSpec]) -> pd.DataFrame:
     for _, r in raw.iterrows():
         spec = wanted[r["tags.spec_hash"]]
         row = {
-            "suite": spec.suite, "dataset": spec.dataset, "teacher": spec.teacher, "student": spec.student, "method": spec.method,
+            "suite": spec.suite, "dataset": spec.dataset, "teacher": spec.teacher, "student": spec.student,
+            "method": spec.method,
             "label": spec.label, "fraction": spec.fraction, "seed": spec.seed, "status": r["status"].lower(),
             "spec_hash": spec.hash, "run_id": r["run_id"], "error": r.get("tags.error") or "",
             **{c: r.get(f"tags.{c}") for c in PROVENANCE_COLUMNS},
@@ -63,7 +65,8 @@ def produced_by(frame: pd.DataFrame) -> str:
     state = ("with uncommitted changes" if dirty == {"true"} else "clean" if dirty == {"false"} else
              "some runs with uncommitted changes" if dirty else "dirty or not: unknown")  # fmt: skip
     hardware = done.drop_duplicates(["device_name", "device"])
-    where = "; ".join(f"{r.device_name} ({'CPU, ' + str(r.device_count) + ' cores' if str(r.device) == 'cpu' else r.device})"
-                      for r in hardware.itertuples() if isinstance(r.device_name, str)) or "unknown hardware"  # fmt: skip
+    kinds = [f"{r.device_name} ({f'CPU, {r.device_count} cores' if str(r.device) == 'cpu' else r.device})"
+             for r in hardware.itertuples() if isinstance(r.device_name, str)]  # fmt: skip
+    where = "; ".join(kinds) or "unknown hardware"
     return (f"Produced by kdbench at commit {_listing(done['git_commit'])} ({state}), on {where}, torch "
             f"{_listing(done['torch_version'])}; {len(done)} finished runs (runs.csv has each run's own).")

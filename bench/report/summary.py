@@ -39,7 +39,8 @@ def _top1(frame: pd.DataFrame, pair, fraction: float, label: str) -> np.ndarray:
 def method_summaries(frame: pd.DataFrame, suite: Suite) -> list[MethodSummary]:
     """One summary per method of the suite (module docstring); none when no cell has runs."""
     labels = [m.label for m in suite.methods]
-    grid = {(pair.label, f): {lab: _top1(frame, pair, f, lab) for lab in labels} for pair in suite.pairs for f in suite.fractions}
+    grid = {(pair.label, f): {lab: _top1(frame, pair, f, lab) for lab in labels}
+            for pair in suite.pairs for f in suite.fractions}  # fmt: skip
     common = [cell for cell in grid.values() if all(len(v) for v in cell.values())]
     if not any(len(v) for cell in grid.values() for v in cell.values()):
         return []
@@ -62,11 +63,13 @@ def summary_section(summaries: list[MethodSummary], suite: Suite) -> str:
     total = len(suite.pairs) * len(suite.fractions)
     lines = [f"Over the {total} cell(s) (pair × fraction); IQM and rank over the {cells} cell(s) every method ran. "
              "95 % stratified-bootstrap intervals (2000 resamples of the seeds within each cell, seeded).", "",
-             f"| method | P(improve on {suite.baseline or '—'}) | cells | IQM top-1 (%) | ranks first (share of cells) |",
+             f"| method | P(improve on {suite.baseline or '—'}) | cells | IQM top-1 (%) | ranks first (share of "
+             "cells) |",
              "|---|---|---|---|---|"]  # fmt: skip
     for s in summaries:
         improve = "baseline" if s.label == suite.baseline else (interval(*s.improve) if s.improve_cells else "—")
-        lines.append(f"| {s.label} | {improve} | {s.improve_cells or '—'} | {interval(*s.iqm)} | {interval(*s.first)} |")
+        lines.append(f"| {s.label} | {improve} | {s.improve_cells or '—'} | {interval(*s.iqm)} "
+                     f"| {interval(*s.first)} |")
     return "\n".join(lines)
 
 

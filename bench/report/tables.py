@@ -99,9 +99,9 @@ def markdown(frame: pd.DataFrame, suite: Suite, ci: bool = False, summary: str |
     vs = baseline_table(frame, suite)
     if vs:
         parts += [f"## vs baseline: test top-1 (points) minus `{suite.baseline}`'s, final epoch, paired by seed",
-                  "Mean difference over the seeds both ran [95 % paired-t interval]; ▲ / ▼: the interval excludes 0 "
-                  "(better / worse than the baseline). The same seed gives both runs the same training subset, batch "
-                  "order and augmentation, and student initialisation.", vs]  # fmt: skip
+                  "Mean difference over the seeds both ran [95 % paired-t interval]; ▲ / ▼: the interval excludes "
+                  "0 (better / worse than the baseline). The same seed gives both runs the same training subset, "
+                  "batch order and augmentation, and student initialisation.", vs]  # fmt: skip
     parts += [
         "## Test top-1 (%), best epoch (what most papers report; selected on the test set)",
         pivot(frame, suite, "best_top1", ci=ci),
@@ -147,7 +147,8 @@ def write_tables(suite: Suite, tracker: Tracker, out_dir: Path, ci: bool = False
     summaries = method_summaries(frame, suite)
     if summaries:
         plot_summary(summaries, suite, out_dir / "summary.png")
-    (out_dir / "tables.md").write_text(markdown(frame, suite, ci, summary_section(summaries, suite) if summaries else None))
+    section = summary_section(summaries, suite) if summaries else None
+    (out_dir / "tables.md").write_text(markdown(frame, suite, ci, section))
     plot_convergence(tracker, frame, suite, out_dir / "convergence.png")
     plot_reliability(tracker, frame, suite, out_dir)
     return frame

@@ -93,8 +93,9 @@ def reference_rows(frame: pd.DataFrame, suite: Suite) -> list[dict]:
             if ref.top1 is None:
                 continue
             if label == "teacher":  # one number, no seeds: the tolerance alone decides
-                done = frame[(frame.teacher == pair.teacher) & (frame.fraction == fraction) & (frame.status == "finished")
-                             & ~frame.method.isin(suite.online_methods())]["teacher_top1"].dropna()  # fmt: skip
+                done = frame[(frame.teacher == pair.teacher) & (frame.fraction == fraction)
+                             & (frame.status == "finished") & ~frame.method.isin(suite.online_methods())]
+                done = done["teacher_top1"].dropna()
                 ours = float(done.iloc[0]) if len(done) else math.nan
                 final, at, ci = (f"{ours:.2f}" if len(done) else "—"), ours, (ours, math.nan, math.nan)
             else:
@@ -143,16 +144,18 @@ def convergence_reference_table(frame: pd.DataFrame, suite: Suite) -> str | None
             reached = f" ({runs.notna().sum()}/{len(runs)} reached)" if runs.isna().any() else ""
             if ref.epochs_to_target is not None:
                 ours = mean_ci(runs)
-                text = verdict(*ours, ref.epochs_to_target, 1.0) if runs.notna().any() else ("above" if len(runs) else "—")
+                never = "above" if len(runs) else "—"  # no seed reached the target: slower than any figure
+                text = verdict(*ours, ref.epochs_to_target, 1.0) if runs.notna().any() else never
                 text = {"below": "below (faster)", "above": "above (slower)"}.get(text, text)
-                lines.append(f"| {pair.label} | {label} | epochs to {suite.target_top1:g} % | {interval(*ours, digits=1)}"
-                             f"{reached} | {ref.epochs_to_target:g} | **{text}** | {_where(ref)} |")  # fmt: skip
+                lines.append(f"| {pair.label} | {label} | epochs to {suite.target_top1:g} % | "
+                             f"{interval(*ours, digits=1)}{reached} | {ref.epochs_to_target:g} | **{text}** "
+                             f"| {_where(ref)} |")  # fmt: skip
             if ref.speedup is not None and suite.baseline is not None:
                 ours, n = _speedup(frame, pair, fraction, _column(label), suite.baseline)
                 text = verdict(*ours, ref.speedup, 0.0) if n else "—"
                 lines.append(f"| {pair.label} | {label} | speed-up vs {suite.baseline} (epochs to "
-                             f"{suite.target_top1:g} %) | ×{interval(*ours)} ({n} seeds reached both) | ×{ref.speedup:g} "
-                             f"| **{text}** | {_where(ref)} |")  # fmt: skip
+                             f"{suite.target_top1:g} %) | ×{interval(*ours)} ({n} seeds reached both) "
+                             f"| ×{ref.speedup:g} | **{text}** | {_where(ref)} |")  # fmt: skip
     if not lines:
         return None
     head = ("| pair | method | figure | ours [95 % CI] | reference | verdict | reference from; how measured |\n"
@@ -162,22 +165,25 @@ def convergence_reference_table(frame: pd.DataFrame, suite: Suite) -> str | None
 
 def summary_frame(frame: pd.DataFrame, suite: Suite) -> pd.DataFrame:
     """``summary.csv``: one row per (teacher, student, method, fraction); ``SUMMARY_COLUMNS``."""
-    references = {(r["pair"].label, _column(r["label"])): r for r in reference_rows(frame, suite) if r["label"] != "teacher"}
+    references = {(r["pair"].label, _column(r["label"])): r
+                  for r in reference_rows(frame, suite) if r["label"] != "teacher"}  # fmt: skip
     rows = []
     for pair in suite.pairs:
         for fraction in suite.fractions:
             for label in [m.label for m in suite.methods if m.label not in pair.exclude]:
                 top1 = cell_runs(frame, pair.teacher, pair.student, fraction, label)["top1"].dropna().astype(float)
                 mean, low, high = mean_ci(top1)
+                std = top1.std(ddof=1) if len(top1) > 1 else math.nan
                 row = {"teacher": pair.teacher, "student": pair.student, "method": label, "fraction": fraction,
-                       "n_seeds": len(top1), "top1_mean": mean, "top1_std": top1.std(ddof=1) if len(top1) > 1 else math.nan,
-                       "top1_ci_low": low, "top1_ci_high": high, "baseline": suite.baseline or ""}  # fmt: skip
+                       "n_seeds": len(top1), "top1_mean": mean, "top1_std": std, "top1_ci_low": low,
+                       "top1_ci_high": high, "baseline": suite.baseline or ""}  # fmt: skip
                 if suite.baseline is not None and label != suite.baseline:
                     (row["delta"], row["delta_ci_low"], row["delta_ci_high"]), _ = paired_to_baseline(
                         frame, pair, fraction, label, suite.baseline)  # fmt: skip
                 ref = references.get((pair.label, label)) if fraction == max(suite.fractions) else None
                 if ref is not None:
-                    where = "; ".join(p for p in (ref["ref"].source, ref["ref"].protocol, f"ours at the {ref['epoch']} epoch") if p)
+                    parts = (ref["ref"].source, ref["ref"].protocol, f"ours at the {ref['epoch']} epoch")
+                    where = "; ".join(p for p in parts if p)
                     row.update(reference=ref["ref"].top1, reference_source=where,
                                reference_delta=ref["delta"], verdict=ref["verdict"])  # fmt: skip
                 rows.append(row)
