@@ -4,9 +4,13 @@ Per run (``run_tags``): ``git_commit``, ``git_dirty``, ``kdbench_version``, ``to
 ``device_name`` (the GPU's name, or the CPU model), ``device_count`` (CUDA devices visible, or the CPU cores this
 process may use), ``world_size`` and ``global_batch_size`` (``scale_tags``), ``deterministic`` and ``tf32``, plus
 MLflow's own system tags (``mlflow.source.git.commit``, ``mlflow.source.name``, ``mlflow.source.type``) so its UI
-shows the source; ``run_note`` writes the spec as one readable paragraph (``mlflow.note.content``) and
-``dataset_inputs`` the training / test data as MLflow dataset inputs (name, fraction, digest of the chosen
-indices).
+shows the source, and ``command`` (the whole command line); ``run_note`` writes the spec as one readable paragraph
+(``mlflow.note.content``) and ``dataset_inputs`` the training / test data as MLflow dataset inputs (name,
+fraction, digest of the chosen indices).
+
+MLflow 3.17's UI opens an experiment on the view its sidebar switch (GenAI / Model training) or the URL's
+``?workflowType=machine_learning`` picks, defaulting to GenAI; the experiment's ``mlflow.experimentKind`` tag
+(``bench.tracking``) decides where that switch is off (its bundle reads the tag only then).
 
 Per invocation of ``bench run`` / ``bench sweep`` (``start_invocation``): the full environment
 (``torch.utils.collect_env`` and every installed distribution) is written once to
@@ -129,7 +133,8 @@ def _write_atomically(path: Path, text: str) -> None:
 class Invocation:
     """What one ``bench run`` / ``bench sweep`` records once for all its runs (module docstring)."""
 
-    source_name: str  # the command line
+    source_name: str  # "python -m bench run <suite>" (MLflow's UI shows a source name's last path component)
+    command: str  # the whole command line
     git_commit: str  # full hash
     git_dirty: bool
     environment: Path  # the environment file (written by a background thread until ``wait``)
@@ -170,8 +175,9 @@ def start_invocation(folder: Path, argv: list[str] | None = None) -> Invocation:
         if not diff.exists():
             _write_atomically(diff, diff_text)
     argv = sys.argv[1:] if argv is None else argv
-    return Invocation(" ".join(["python -m bench", *argv]), git_commit(short=False), bool(diff_text), environment,
-                      diff, writer)  # fmt: skip
+    source = f"python -m bench {argv[0] if argv else 'run'} {folder.name}"
+    return Invocation(source, " ".join(["python -m bench", *argv]), git_commit(short=False), bool(diff_text),
+                      environment, diff, writer)  # fmt: skip
 
 
 def run_tags(invocation: Invocation | None, device: torch.device) -> dict[str, str]:
@@ -187,7 +193,7 @@ def run_tags(invocation: Invocation | None, device: torch.device) -> dict[str, s
             "mlflow.source.git.commit": commit, "mlflow.source.name": source[:500],
             "mlflow.source.type": "LOCAL"}  # fmt: skip
     if invocation is not None:
-        tags["environment"] = str(invocation.environment)
+        tags.update(environment=str(invocation.environment), command=invocation.command[:5000])
     return tags
 
 

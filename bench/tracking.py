@@ -9,7 +9,7 @@ a network file system is not safe with several writers (no WAL over NFS): on a c
 server (``MLFLOW_TRACKING_URI=http://head:5000``). Each run carries the spec as params, per-epoch
 metrics (``step`` = epoch), tags (spec hash, status, error, and what produced it: ``bench.provenance``), its
 data as dataset inputs, and the final student weights as an artifact. The experiment is marked as model
-training (``mlflow.experimentKind``), so MLflow's UI opens on its runs. A run is found again by its spec
+training (``mlflow.experimentKind``, see ``_mark_experiment_kind``). A run is found again by its spec
 hash, which is how finished work is skipped and interrupted work resumed in the same MLflow run.
 """
 from __future__ import annotations
@@ -101,8 +101,9 @@ class Tracker:
             enable_wal(db)
 
     def _mark_experiment_kind(self, exp) -> None:
-        """Tag the experiment as model training (MLflow 3's ``mlflow.experimentKind``; without it the UI opens
-        an experiment on its GenAI traces view)."""
+        """Tag the experiment as model training (MLflow 3's ``mlflow.experimentKind``). MLflow 3.17's UI reads it
+        only with its GenAI / Model training switch off; with the switch (the default) open the experiment with
+        ``?workflowType=machine_learning`` or pick "Model training" once (the browser remembers it)."""
         if exp is None or exp.tags.get(EXPERIMENT_KIND[0]) is None:
             with_retry(lambda: self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND))
 

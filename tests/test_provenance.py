@@ -37,7 +37,8 @@ def test_every_run_says_what_produced_it(tracked):
         assert set(KEYS) <= set(tags), set(KEYS) - set(tags)
         assert tags["git_commit"] == head[:12] and tags["mlflow.source.git.commit"] == head
         assert tags["git_dirty"] == str(dirty).lower()
-        assert tags["mlflow.source.name"].startswith("python -m bench run ") and tags["mlflow.source.type"] == "LOCAL"
+        assert tags["mlflow.source.name"] == "python -m bench run tiny" and tags["mlflow.source.type"] == "LOCAL"
+        assert tags["command"].startswith("python -m bench run ") and "--executor local" in tags["command"]
         assert tags["world_size"] == "1" and tags["global_batch_size"] == "128"
         assert tags["device_name"] and int(tags["device_count"]) >= 1 and tags["torch_version"]
         assert tags["deterministic"] in ("true", "false") and "matmul" in tags["tf32"]
