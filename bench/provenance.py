@@ -115,7 +115,8 @@ def _distributions() -> list[str]:
     return [f"{name}=={version}" for name, version in sorted(found.items())]
 
 
-def _environment_text(packages: list[str]) -> str:
+@lru_cache(maxsize=1)  # one process, one environment: later invocations in it (tests, notebooks) reuse it
+def _environment_text(packages: tuple[str, ...]) -> str:
     from torch.utils import collect_env
 
     return (collect_env.get_pretty_env_info() + f"\n\nPython executable: {sys.executable}\n\n"
@@ -164,7 +165,7 @@ def start_invocation(folder: Path, argv: list[str] | None = None) -> Invocation:
     environment = (folder / "environment" / f"{key}.txt").resolve()
     writer = None
     if not environment.exists():
-        writer = threading.Thread(target=lambda: _write_atomically(environment, _environment_text(list(packages))),
+        writer = threading.Thread(target=lambda: _write_atomically(environment, _environment_text(packages)),
                                   name="kdbench-environment", daemon=True)  # fmt: skip
         writer.start()
     diff_text = git_diff()

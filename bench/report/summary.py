@@ -80,13 +80,13 @@ def plot_summary(summaries: list[MethodSummary], suite: Suite, path: Path) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("improve", f"P(improve on {suite.baseline})", 0.5), ("iqm", "IQM of final test top-1 (%)", None),
-              ("first", "share of cells ranked first", None)]  # fmt: skip
+    panels = [("improve", f"P(improve on {suite.baseline})", True), ("iqm", "IQM of final test top-1 (%)", False),
+              ("first", "share of cells ranked first", True)]  # fmt: skip
     if suite.baseline is None:
         panels = panels[1:]
     labels = [s.label for s in summaries]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(labels) + 1.4), squeeze=False)
-    for ax, (field, title, reference) in zip(axes.flat, panels):
+    for ax, (field, title, share) in zip(axes.flat, panels):
         for y, s in enumerate(summaries):
             est, low, high = getattr(s, field)
             if math.isnan(est):
@@ -94,13 +94,16 @@ def plot_summary(summaries: list[MethodSummary], suite: Suite, path: Path) -> No
             if not math.isnan(low):
                 ax.plot([low, high], [y, y], color="tab:blue", lw=6, alpha=0.35, solid_capstyle="butt")
             ax.plot([est], [y], "o", color="tab:blue", ms=5)
-        if reference is not None:
-            ax.axvline(reference, color="grey", lw=0.8, ls="--")
+        if share:  # a probability or a share: the whole [0, 1], 0.5 marked for P(improve)
+            ax.set_xlim(-0.03, 1.03)
+            if field == "improve":
+                ax.axvline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_yticks(range(len(labels)), labels)
-        ax.invert_yaxis()
+        ax.set_ylim(len(labels) - 0.5, -0.5)
         ax.set_title(title, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"{suite.name}: {summaries[0].cells} cells, 95 % stratified-bootstrap intervals", fontsize=10)
+    fig.suptitle(f"{suite.name}: {summaries[0].cells} cell(s) every method ran, 95 % stratified-bootstrap intervals",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
