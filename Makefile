@@ -27,6 +27,7 @@ BENCH_DEPS ?= results/.bench-deps
 BENCH_ARGS ?=
 NIGHTLY    ?= results/nightly
 ACCURACY_BASELINE ?= tests/benchmarks/baseline/mini-runs.csv
+LAST_NIGHT  ?= .benchmarks/mini-runs.csv
 BENCH_ENV   = PYTHONPATH=$(BENCH_DEPS) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 BENCH_RUN   = $(BENCH_ENV) $(PY) -m pytest tests/benchmarks --benchmark-enable
 
@@ -37,13 +38,18 @@ $(BENCH_DEPS)/.installed:  # torchdistill for the peer benchmark, outside the ve
 bench: setup $(BENCH_DEPS)/.installed  ## speed benchmarks only: throughput, harness overhead, peer, shared teacher
 	$(BENCH_RUN) $(BENCH_ARGS)
 
-# accuracy: `bench compare` of tonight's mini runs against $(ACCURACY_BASELINE) (update it by copying a nightly's
-# runs.csv there after an intended change); speed: a median >10 % slower than the last saved run is re-measured once
+# accuracy: `bench compare` of tonight's mini runs against $(ACCURACY_BASELINE) if committed, else against the last
+# nightly's that passed ($(LAST_NIGHT)); speed: a median >10 % slower than the last saved run is re-measured once
 nightly: setup $(BENCH_DEPS)/.installed  ## mini suite + all benchmarks vs the last run saved in .benchmarks/ -> $(NIGHTLY)/report.md
 	rm -rf $(NIGHTLY) && mkdir -p $(NIGHTLY)
 	OMP_NUM_THREADS=1 $(PY) -m bench run mini --results $(NIGHTLY)/mini --no-progress > $(NIGHTLY)/mini.log 2>&1; mini=$$?; \
-	$(PY) -m bench compare $(ACCURACY_BASELINE) $(NIGHTLY)/mini/mini/runs.csv --json $(NIGHTLY)/accuracy.json \
-	  > $(NIGHTLY)/accuracy.md 2>&1; accuracy=$$?; \
+	baseline=$(ACCURACY_BASELINE); [ -f $$baseline ] || baseline=$(LAST_NIGHT); accuracy=0; \
+	if [ -f $$baseline ]; then $(PY) -m bench compare $$baseline $(NIGHTLY)/mini/mini/runs.csv \
+	  --json $(NIGHTLY)/accuracy.json > $(NIGHTLY)/accuracy.md 2>&1; accuracy=$$?; \
+	else echo "no accuracy baseline yet ($(ACCURACY_BASELINE) or $(LAST_NIGHT)): tonight's runs become it" \
+	  > $(NIGHTLY)/accuracy.md; fi; \
+	if [ $$mini -eq 0 ] && [ $$accuracy -eq 0 ]; then mkdir -p $(dir $(LAST_NIGHT)) && \
+	  cp $(NIGHTLY)/mini/mini/runs.csv $(LAST_NIGHT); fi; \
 	compare=; if ls .benchmarks/*/*.json >/dev/null 2>&1; then compare="--benchmark-compare"; fi; \
 	$(BENCH_RUN) --benchmark-autosave $$compare --benchmark-json=$(NIGHTLY)/benchmarks.json $(BENCH_ARGS); status=$$?; \
 	$(BENCH_ENV) $(PY) -m tests.benchmarks.regressions --json $(NIGHTLY)/benchmarks.json --out $(NIGHTLY)/speed.json; speed=$$?; \

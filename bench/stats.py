@@ -27,24 +27,30 @@ def _values(values) -> np.ndarray:
     return array[~np.isnan(array)]
 
 
-def _t_interval(estimate: float, se: float, df: float, confidence: float) -> Interval:
+EQUAL = 1e-6  # values this close, relative to the data's magnitude, are equal (float32 metrics differ in ~1e-7)
+
+
+def _t_interval(estimate: float, se: float, df: float, confidence: float, scale: float) -> Interval:
+    """Student-t interval; ``scale``: the magnitude of the data the estimate comes from."""
     if not np.isfinite(df) or df <= 0:
         return estimate, NAN, NAN
-    if se == 0:  # every value equal: the Student-t interval has zero width
+    if se <= EQUAL * scale:  # every value equal (up to float rounding): a zero-width interval
         return estimate, estimate, estimate
     low, high = st.t.interval(confidence, df, loc=estimate, scale=se)
     return estimate, float(low), float(high)
 
 
-def mean_ci(values, confidence: float = 0.95) -> Interval:
+def mean_ci(values, confidence: float = 0.95, scale: float | None = None) -> Interval:
     """Mean and Student-t interval over the (non-NaN) values, e.g. one metric over seeds.
 
-    n = 0 gives ``(nan, nan, nan)``; n = 1 gives ``(value, nan, nan)``: an interval needs a spread."""
+    n = 0 gives ``(nan, nan, nan)``; n = 1 gives ``(value, nan, nan)``: an interval needs a spread. Values
+    equal up to ``EQUAL`` relative to ``scale`` (default: their own magnitude) give a zero-width interval."""
     x = _values(values)
     if len(x) == 0:
         return NAN, NAN, NAN
     se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else NAN
-    return _t_interval(float(x.mean()), se, len(x) - 1, confidence)
+    scale = float(np.abs(x).max()) if scale is None else scale
+    return _t_interval(float(x.mean()), se, len(x) - 1, confidence, scale)
 
 
 def paired_difference_ci(a, b, confidence: float = 0.95) -> Interval:
@@ -69,7 +75,8 @@ def paired_difference_ci(a, b, confidence: float = 0.95) -> Interval:
     a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
     if a.shape != b.shape:
         raise ValueError(f"paired values need the same length, got {len(a)} and {len(b)}")
-    return mean_ci(a - b, confidence)
+    both = np.concatenate([a, b])
+    return mean_ci(a - b, confidence, scale=float(np.nanmax(np.abs(both))) if np.isfinite(both).any() else 0.0)
 
 
 def welch_difference_ci(a, b, confidence: float = 0.95) -> Interval:
@@ -84,7 +91,7 @@ def welch_difference_ci(a, b, confidence: float = 0.95) -> Interval:
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     se = float(np.sqrt(va + vb))
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se > 0 else np.inf
-    return _t_interval(diff, se, df, confidence)
+    return _t_interval(diff, se, df, confidence, float(max(np.abs(a).max(), np.abs(b).max())))
 
 
 def probability_of_improvement(x, y) -> float:

@@ -46,6 +46,9 @@ def test_one_value_has_no_interval_and_none_is_nan():
 
 def test_equal_values_give_a_zero_width_interval():
     assert mean_ci([97.8, 97.8, 97.8]) == (pytest.approx(97.8), pytest.approx(97.8), pytest.approx(97.8))
+    a, b = np.array([97.802198, 98.351645]), np.array([98.076922, 98.626375])  # float32 top-1s, one image apart
+    mean, low, high = paired_difference_ci(a, b)  # differences −0.274724 and −0.274730: equal but for rounding
+    assert low == high == mean
 
 
 @pytest.mark.parametrize("n", [2, 3, 6])

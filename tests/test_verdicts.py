@@ -77,6 +77,9 @@ def test_the_vs_baseline_table_is_the_paired_difference_by_seed(suite):
     assert f"+3.00 [{3 - half:+.2f}, {3 + half:+.2f}] ▲" in row
     short = next(line for line in table.splitlines() if "| 0.4 |" in line)
     assert "+2.00 (n=1, no CI) (1/3 paired)" in short  # dkd ran one seed at 0.4: no interval, not ± 0
+    same = {**TOP1, ("ce", 0.4): [84.0, 83.0, 85.0]}  # ce − kd = −1 on every seed: no spread, no mark
+    short = next(line for line in baseline_table(frame_of(same), suite).splitlines() if "| 0.4 |" in line)
+    assert "| -1.00 (the same on each seed) |" in short
 
 
 def test_the_reference_table_compares_at_the_references_epoch_and_gives_verdicts(suite):

@@ -51,10 +51,15 @@ def paired_to_baseline(frame: pd.DataFrame, pair: Pair, fraction: float, label: 
 
 
 def marked(diff: Interval, n: int, expected: int) -> str:
-    """A difference with its interval, ▲ / ▼ where the interval excludes 0, and how many seeds paired."""
-    text = interval(*diff, signed=True)
-    if not math.isnan(diff[1]) and (diff[1] > 0 or diff[2] < 0):
-        text += " ▲" if diff[1] > 0 else " ▼"
+    """A difference with its interval, ▲ / ▼ where the interval excludes 0, and how many seeds paired. Every
+    seed giving the same difference (a zero-width interval: with few seeds and accuracy counted in whole test
+    images, often one image) is said so and not marked: no spread was measured, so none is excluded."""
+    if not math.isnan(diff[1]) and diff[1] == diff[2]:
+        text = f"{diff[0]:+.2f} (the same on each seed)"
+    else:
+        text = interval(*diff, signed=True)
+        if not math.isnan(diff[1]) and (diff[1] > 0 or diff[2] < 0):
+            text += " ▲" if diff[1] > 0 else " ▼"
     return text + (f" ({n}/{expected} paired)" if 0 < n < expected else "")
 
 
@@ -152,7 +157,7 @@ def convergence_reference_table(frame: pd.DataFrame, suite: Suite) -> str | None
                              f"| {_where(ref)} |")  # fmt: skip
             if ref.speedup is not None and suite.baseline is not None:
                 ours, n = _speedup(frame, pair, fraction, _column(label), suite.baseline)
-                text = verdict(*ours, ref.speedup, 0.0) if n else "—"
+                text = verdict(*ours, ref.speedup, 1e-6 * ref.speedup) if n else "—"  # equal up to rounding
                 lines.append(f"| {pair.label} | {label} | speed-up vs {suite.baseline} (epochs to "
                              f"{suite.target_top1:g} %) | ×{interval(*ours)} ({n} seeds reached both) "
                              f"| ×{ref.speedup:g} | **{text}** | {_where(ref)} |")  # fmt: skip
