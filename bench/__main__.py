@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check suite files; exit 2 with the first error")
     val.add_argument("suites", nargs="*", help="suite names or YAML paths (default: every suite under suites/)")
 
-    tab = sub.add_parser("tables", help="rebuild runs.csv, tables.md and convergence.png from MLflow")
+    tab = sub.add_parser("tables", help="rebuild runs.csv, tables.md, summary.csv and the plots from MLflow")
     tab.add_argument("suite")
     tab.add_argument("--ci", action="store_true", help=CI_HELP)
     _add_common(tab)
