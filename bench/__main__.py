@@ -1,8 +1,9 @@
-"""kdbench command line: ``python -m bench {run,sweep,validate,tables,list,new} ...`` (also ``kdbench``), a thin
-layer over the Python API (``bench.api``).
+"""kdbench command line: ``python -m bench {run,sweep,validate,tables,compare,list,new} ...`` (also ``kdbench``),
+a thin layer over the Python API (``bench.api``).
 
 Exit codes: 0 every run finished, 1 some run failed (the others still finished and were recorded),
 2 bad input (one line on stderr, nothing started or written), 130 interrupted (re-run to resume).
+``compare``: 0 nothing regressed, 1 a cell regressed, 2 bad input.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ EPILOG = """examples:
   python -m bench run mini --cpus-per-run 2     # Ray Tune trials of 2 CPUs (torch threads) each
   python -m bench sweep ablation-kd-temperature # hyperparameter search (Ray Tune), re-run the best on test
   python -m bench validate                      # check every shipped suite (or name some) without running
-  python -m bench tables mini                   # rebuild results/mini/{runs.csv,tables.md,convergence.png}
+  python -m bench tables mini                   # rebuild results/mini/{runs.csv,tables.md,summary.csv,*.png}
+  python -m bench compare results/mini /mnt/other/results/mini   # per cell B - A; exit 1 if B regressed
   python -m bench list methods                  # models | methods | datasets | suites
   python -m bench run my-suite.yaml --plugin ./my_kd.py   # a plugin's methods, models and datasets
   python -m bench new method my_kd --plugin ~/my_kd      # a method file + its tests, outside the repository
@@ -35,6 +37,9 @@ def _add_plugin(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                    help="import a plugin first: a module name or a .py file registering methods, models or "
                    "datasets (repeatable)")  # fmt: skip
+
+
+CI_HELP = "accuracy cells as mean and 95 %% interval over seeds instead of mean ± std"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -99,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", choices=["ray", "local"], default="ray",
                      help="ray: one Ray Tune trial per run, side by side (default); local: one after another "
                      "in this process")  # fmt: skip
+    run.add_argument("--ci", action="store_true", help=CI_HELP)
     _add_execution(run)
 
     swp = sub.add_parser("sweep", help="hyperparameter search of a suite's `sweep:` section (Ray Tune)",
@@ -114,9 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("suites", nargs="*", help="suite names or YAML paths (default: every suite under suites/)")
     _add_plugin(val)
 
-    tab = sub.add_parser("tables", help="rebuild runs.csv, tables.md and convergence.png from MLflow")
+    tab = sub.add_parser("tables", help="rebuild runs.csv, tables.md, summary.csv and the plots from MLflow")
     tab.add_argument("suite")
+    tab.add_argument("--ci", action="store_true", help=CI_HELP)
     _add_common(tab)
+
+    cmp = sub.add_parser("compare", help="compare two result sets of one suite cell by cell; exit 1 on a regression",
+                         description="Per cell (pair × fraction × method): both means, B − A with its 95 % "
+                         "interval (paired by seed where both have the same seeds, else Welch), and REGRESSED where B "
+                         "is worse by more than --tolerance points and the interval lies below 0. Exit 0: nothing "
+                         "regressed; 1: something did; 2: bad input.")  # fmt: skip
+    cmp.add_argument("a", type=Path, help="the reference: a results folder of one suite, a suite's folder, or runs.csv")
+    cmp.add_argument("b", type=Path, help="the result set checked against A (same forms)")
+    cmp.add_argument("--tolerance", type=float, default=0.5,
+                     help="points B may be worse before it counts (default 0.5)")
+    cmp.add_argument("--metric", default="top1", help="runs.csv column to compare (default top1: final epoch)")
+    cmp.add_argument("--json", type=Path, help="also write the per-cell comparison as JSON")
 
     lst = sub.add_parser("list", help="list models, methods, datasets or suites")
     lst.add_argument("what", choices=["models", "methods", "datasets", "suites"])
@@ -147,10 +166,10 @@ def run_options(args, executor: str) -> dict:
 def cmd_run(args) -> int:
     from bench import api
 
-    result = api.run(args.suite, **run_options(args, executor=args.executor))
+    result = api.run(args.suite, ci=args.ci, **run_options(args, executor=args.executor))
     report = result.report
     print((result.out / "tables.md").read_text())
-    print(f"wrote {result.out}/runs.csv, tables.md, convergence.png ({len(result.frame)} runs); "
+    print(f"wrote {result.out}/runs.csv, tables.md, summary.csv, summary.png, convergence.png ({len(result.frame)} runs); "
           f"{len(report.finished)} ran, {len(report.skipped)} skipped, {len(report.failed)} failed")  # fmt: skip
     return report.exit_code
 
@@ -172,9 +191,17 @@ def cmd_validate(args) -> int:
 def cmd_tables(args) -> int:
     from bench import api
 
-    result = api.tables(args.suite, results_dir=args.results, tracking_uri=args.tracking_uri)
+    result = api.tables(args.suite, results_dir=args.results, tracking_uri=args.tracking_uri, ci=args.ci)
     print((result.out / "tables.md").read_text())
     return 0
+
+
+def cmd_compare(args) -> int:
+    from bench import api
+
+    text, code = api.compare(args.a, args.b, args.metric, args.tolerance, args.json)
+    print(text)
+    return code
 
 
 def cmd_list(args) -> int:
@@ -192,8 +219,8 @@ def cmd_new(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "tables": cmd_tables, "list": cmd_list,
-            "new": cmd_new}  # fmt: skip
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "tables": cmd_tables,
+            "compare": cmd_compare, "list": cmd_list, "new": cmd_new}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

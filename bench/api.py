@@ -16,7 +16,7 @@ are loaded at the first call. Run options are the fields of ``bench.run.RunOptio
 ``local``, the CLI's to ``ray``) plus ``amp``, ``channels_last`` and ``compile`` (recipe switches, part of each
 run's hash). Bad input raises ``bench.errors.BenchError`` before anything is written.
 
-Comparing two result sets is ``python -m bench compare`` (``bench.report``), not part of this module yet.
+``compare(a, b)`` compares two result sets of one suite cell by cell (``python -m bench compare``).
 """
 from __future__ import annotations
 
@@ -92,8 +92,10 @@ class SuiteRun:
         return self.report.exit_code
 
 
-def run(suite: SuiteLike, plugins: Iterable[str] = (), log: Callable[[str], None] = print, **options: Any) -> SuiteRun:
-    """Run every pending spec of ``suite``, then write ``results/<suite>/{runs.csv,tables.md,*.png}``."""
+def run(suite: SuiteLike, plugins: Iterable[str] = (), log: Callable[[str], None] = print, ci: bool = False,
+        **options: Any) -> SuiteRun:  # fmt: skip
+    """Run every pending spec of ``suite``, then write ``results/<suite>/{runs.csv,tables.md,summary.csv,*.png}``
+    (``ci``: accuracy cells as mean and 95 % interval instead of mean ± std)."""
     from bench.report import write_tables
     from bench.run import run_suite as execute
 
@@ -104,7 +106,7 @@ def run(suite: SuiteLike, plugins: Iterable[str] = (), log: Callable[[str], None
         plugin_loader.check_shippable(spec.parts for spec in expand(suite))
     report = execute(suite, opts, log)
     out = suite_dir(opts, suite)
-    frame = write_tables(suite, make_tracker(suite, opts), out)
+    frame = write_tables(suite, make_tracker(suite, opts), out, ci=ci)
     return SuiteRun(suite, report, frame, out)
 
 
@@ -142,15 +144,24 @@ def load_results(suite: SuiteLike, plugins: Iterable[str] = (), results_dir: str
 
 
 def tables(suite: SuiteLike, plugins: Iterable[str] = (), results_dir: str | Path = "results",
-           tracking_uri: str | None = None) -> SuiteRun:  # fmt: skip
-    """Rebuild ``results/<suite>/{runs.csv,tables.md,*.png}`` from MLflow."""
+           tracking_uri: str | None = None, ci: bool = False) -> SuiteRun:  # fmt: skip
+    """Rebuild ``results/<suite>/{runs.csv,tables.md,summary.csv,*.png}`` from MLflow."""
     from bench.report import write_tables
 
     suite = load_suite(suite, plugins)
     options = run_options(results_dir=results_dir, tracking_uri=tracking_uri)
     out = suite_dir(options, suite)
-    frame = write_tables(suite, _existing_tracker(suite, options), out)
+    frame = write_tables(suite, _existing_tracker(suite, options), out, ci=ci)
     return SuiteRun(suite, SuiteReport(), frame, out)
+
+
+def compare(a: str | Path, b: str | Path, metric: str = "top1", tolerance: float = 0.5,
+            json_path: str | Path | None = None) -> tuple[str, int]:  # fmt: skip
+    """Two result sets of one suite (results folders or ``runs.csv`` files), cell by cell: the report's text and
+    the exit code (0 nothing regressed, 1 B regressed beyond ``tolerance`` points and significantly)."""
+    from bench.report.compare import compare as compare_results
+
+    return compare_results(Path(a), Path(b), metric, tolerance, Path(json_path) if json_path else None)
 
 
 def validate(suites: Iterable[SuiteLike] = (), plugins: Iterable[str] = ()) -> list[str]:

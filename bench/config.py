@@ -21,12 +21,16 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
+        errors, shaped = [], None
         for option in typing.get_args(tp):
             try:
                 return coerce(value, option, where)
             except BenchError as err:
                 errors.append(str(err))
+                if isinstance(value, Mapping) and dataclasses.is_dataclass(option):
+                    shaped = err  # a mapping meant for this dataclass: its own error says what is wrong
+        if shaped is not None:
+            raise shaped
         raise BenchError(f"{where}: expected {' or '.join(_type_name(a) for a in typing.get_args(tp))}, got {value!r}")
     if origin is typing.Literal:
         if value not in typing.get_args(tp):

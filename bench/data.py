@@ -253,6 +253,14 @@ def holdout_indices(targets, val_fraction: float, seed: int) -> tuple[np.ndarray
     return np.flatnonzero(mask), val
 
 
+def run_indices(targets, fraction: float, seed: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """A run's training subset and validation split (positions in the training split): the seeded
+    validation split is carved first, then the stratified ``fraction`` of what remains."""
+    targets = np.asarray(targets)
+    pool, val = holdout_indices(targets, val_fraction, seed)
+    return pool[fraction_indices(targets[pool], fraction, seed)], val
+
+
 # --------------------------------------------------------------------------------------------------
 # Loaders
 # --------------------------------------------------------------------------------------------------

@@ -399,11 +399,9 @@ def build_task(
     ``teacher_cache`` / ``device_data``: the :class:`FastPaths` (``**asdict(fast)``); ``train_loader``: an
     existing loader of those same batches to use instead (a lockstep group's); ``task_fields``: the other
     :class:`Task` fields (``checkpoint_path``, ``target_top1``, ``progress``, ``description``)."""
-    from bench.data import fraction_indices, holdout_indices, make_loader
+    from bench.data import make_loader, run_indices
 
-    targets = splits.train.target_array()
-    pool, val = holdout_indices(targets, recipe.val_fraction, seed)
-    train_idx = pool[fraction_indices(targets[pool], fraction, seed)]
+    train_idx, val = run_indices(splits.train.target_array(), fraction, seed, recipe.val_fraction)
     info = splits.info
 
     def loader(data, indices, train: bool) -> Loader:

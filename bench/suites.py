@@ -31,6 +31,7 @@ from bench.config import coerce, from_mapping, to_dict
 from bench.data import list_datasets
 from bench.engine import Recipe
 from bench.errors import BenchError
+from bench.references import Provenance, Reference, resolve_references
 
 
 
@@ -57,24 +58,6 @@ class MethodEntry:
     label: str
     hparams: dict[str, Any] = field(default_factory=dict)
     teacher_mode: str = "offline"  # the method's: "none", "offline" or "online" (the tables need to know)
-
-
-@dataclass
-class Provenance:
-    """Where a published number comes from and how it was measured, printed beside it in the tables."""
-
-    source: str  # the paper and table, or the repository file, the number is taken from
-    protocol: str = ""  # best or last epoch, runs averaged, and how the recipe differs from the suite's
-
-
-@dataclass
-class Reference:
-    """A published top-1 (%) for one cell; ``source``/``protocol`` default to the suite's
-    ``reference_sources`` entry of the method label."""
-
-    top1: float
-    source: str = ""
-    protocol: str = ""
 
 
 @dataclass
@@ -131,6 +114,8 @@ class Suite:
     sweep: dict[str, Any] | None = None
     share_teacher: bool = True  # offline runs sharing teacher and batches train in lockstep (bench.lockstep)
     plugins: list[str] = field(default_factory=list)  # loaded when the suite is parsed (bench.plugins)
+    baseline: str | None = None  # the method label others are compared with (default kd, else ce, else none)
+    tolerance: float = 0.3  # points of top-1 within which a published number counts as reproduced
     path: Path | None = None
 
     def online_methods(self) -> set[str]:
@@ -140,12 +125,7 @@ class Suite:
 
     def references(self, pair: Pair) -> dict[str, Reference]:
         """The pair's published numbers, each with its provenance (its own, else ``reference_sources``)."""
-        out = {}
-        for label, ref in pair.reference.items():
-            ref = ref if isinstance(ref, Reference) else Reference(float(ref))
-            default = self.reference_sources.get(label, Provenance(""))
-            out[label] = replace(ref, source=ref.source or default.source, protocol=ref.protocol or default.protocol)
-        return out
+        return resolve_references(pair.reference, self.reference_sources)
 
 
 @dataclass(frozen=True)
@@ -320,6 +300,7 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
     allowed = {
         "name", "description", "dataset", "pairs", "methods", "fractions", "seeds", "recipe", "teacher",
         "target_top1", "resources", "reference_note", "reference_sources", "sweep", "share_teacher", "plugins",
+        "baseline", "tolerance",
     }  # fmt: skip
     unknown = sorted(set(raw) - allowed)
     if unknown:
@@ -385,6 +366,12 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
     share = raw.get("share_teacher", True)
     if not isinstance(share, bool):
         raise BenchError(f"{where}.share_teacher: expected true or false, got {share!r}")
+    baseline = raw.get("baseline", next((d for d in ("kd", "ce") if d in labels), None))
+    if "baseline" in raw and baseline not in labels:
+        raise BenchError(f"{where}.baseline: {baseline!r} is not a method label of this suite")
+    tolerance = raw.get("tolerance", 0.3)
+    if _is_number(tolerance, f"{where}.tolerance") and tolerance < 0:
+        raise BenchError(f"{where}.tolerance: must be >= 0 (points of top-1), got {tolerance}")
     return Suite(
         name=raw["name"],
         dataset=raw["dataset"],
@@ -402,6 +389,8 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
         sweep=sweep,
         share_teacher=share,
         plugins=list(plugins),
+        baseline=baseline,
+        tolerance=float(tolerance),
         path=path,
     )
 

@@ -7,10 +7,10 @@ journaling (readers never block the writer), MLflow itself sets a 20 s busy time
 waiting, when waiting could deadlock); ``tests/test_tracking.py`` proves no row is lost. A sqlite file on
 a network file system is not safe with several writers (no WAL over NFS): on a cluster use a tracking
 server (``MLFLOW_TRACKING_URI=http://head:5000``). Each run carries the spec as params, per-epoch
-metrics (``step`` = epoch), tags (spec hash,
-git commit, torch version, device, status, error) and the final student weights as an artifact. A run
-is found again by its spec hash, which is how finished work is skipped and interrupted work resumed in
-the same MLflow run.
+metrics (``step`` = epoch), tags (spec hash, status, error, and what produced it: ``bench.provenance``), its
+data as dataset inputs, and the final student weights as an artifact. The experiment is marked as model
+training (``mlflow.experimentKind``, see ``_mark_experiment_kind``). A run is found again by its spec
+hash, which is how finished work is skipped and interrupted work resumed in the same MLflow run.
 """
 from __future__ import annotations
 
@@ -18,29 +18,18 @@ import logging
 import math
 import os
 import sqlite3
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-import torch
-
 T = TypeVar("T")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 FINISHED, FAILED, RUNNING, KILLED = "FINISHED", "FAILED", "RUNNING", "KILLED"
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's "Machine learning" kind
 
 
 def default_tracking_uri(results_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _quiet_mlflow() -> None:
@@ -107,8 +96,16 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
         self.experiment = experiment
+        self._mark_experiment_kind(exp)
         if db is not None:  # the tables exist now
             enable_wal(db)
+
+    def _mark_experiment_kind(self, exp) -> None:
+        """Tag the experiment as model training (MLflow 3's ``mlflow.experimentKind``). MLflow 3.17's UI reads it
+        only with its GenAI / Model training switch off; with the switch (the default) open the experiment with
+        ``?workflowType=machine_learning`` or pick "Model training" once (the browser remembers it)."""
+        if exp is None or exp.tags.get(EXPERIMENT_KIND[0]) is None:
+            with_retry(lambda: self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND))
 
     def runs_for(self, spec_hash: str) -> list[TrackedRun]:
         runs = with_retry(
@@ -167,8 +164,6 @@ class Tracker:
             return run_id, True
         base_tags = {
             "spec_hash": spec_hash,
-            "git_commit": git_commit(),
-            "torch_version": torch.__version__,
             "mlflow.runName": run_name,
             "status": "running",
             **tags,
@@ -194,6 +189,10 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         for start in range(0, len(items), 500):
             with_retry(lambda: self.client.log_batch(run_id, metrics=items[start : start + 500]))
+
+    def log_inputs(self, run_id: str, datasets: list) -> None:
+        """MLflow dataset inputs (``mlflow.entities.DatasetInput``, see ``bench.provenance.dataset_inputs``)."""
+        with_retry(lambda: self.client.log_inputs(run_id, datasets=datasets))
 
     def log_artifact(self, run_id: str, path: Path) -> None:
         with_retry(lambda: self.client.log_artifact(run_id, str(path)))

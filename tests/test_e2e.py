@@ -1,49 +1,22 @@
 """End to end through the CLI: a tiny digits suite runs, is tracked in MLflow, and yields the tables."""
-import subprocess
-import sys
-from pathlib import Path
-
 import pandas as pd
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import bench_cli as bench
+
 REQUIRED = "dataset,teacher,student,method,fraction,seed,status,top1,top5,nll,ece,best_top1,epochs_to_target,wall_s"
-
-TINY = {
-    "name": "tiny",
-    "description": "two epochs on digits",
-    "dataset": "digits",
-    "pairs": [{"teacher": "resnet8", "student": "resnet8", "reference": {"kd": 50.0}}],
-    "methods": ["ce", "kd"],
-    "fractions": [0.5],
-    "seeds": [0, 1],
-    "recipe": {"epochs": 2, "milestones": [1], "batch_size": 128},
-    "teacher": {"recipe": {"epochs": 2}},
-    "target_top1": 20,
-}
-
-
-def bench(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
-def finished_suite(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    suite = tmp / "tiny.yaml"
-    suite.write_text(yaml.safe_dump(TINY))
-    results = tmp / "results"
-    proc = bench("run", str(suite), "--results", str(results), "--executor", "local")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return suite, results, proc
+def finished_suite(tiny_suite_run):
+    return tiny_suite_run
 
 
 def test_run_writes_runs_csv_tables_and_plot(finished_suite):
     _, results, proc = finished_suite
     runs = pd.read_csv(results / "tiny" / "runs.csv")
     assert set(REQUIRED.split(",")) <= set(runs.columns)
-    assert len(runs) == 4 and (runs.status == "finished").all()
+    assert len(runs) == 6 and (runs.status == "finished").all()
     assert runs.top1.between(0, 100).all() and (runs.best_top1 >= runs.top1).all()
     kd = runs[runs.method == "kd"]
     assert kd.teacher_top1.notna().all() and runs[runs.method == "ce"].teacher_top1.isna().all()
@@ -60,8 +33,8 @@ def test_every_run_is_in_mlflow_with_params_tags_and_curves(finished_suite, monk
     # not mlflow.set_tracking_uri: it would leak into every later test of this process
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{results / 'mlflow.db'}")
     frame = mlflow.search_runs(experiment_names=["tiny"])
-    assert len(frame) == 4 and set(frame.status) == {"FINISHED"}
-    assert frame["tags.spec_hash"].nunique() == 4 and frame["tags.git_commit"].notna().all()
+    assert len(frame) == 6 and set(frame.status) == {"FINISHED"}
+    assert frame["tags.spec_hash"].nunique() == 6 and frame["tags.git_commit"].notna().all()
     assert set(frame["params.method"]) == {"ce", "kd"}
     client = mlflow.tracking.MlflowClient()
     history = client.get_metric_history(frame.run_id.iloc[0], "test_top1")
@@ -72,7 +45,7 @@ def test_second_run_skips_finished_work_and_keeps_the_table(finished_suite):
     suite, results, _ = finished_suite
     before = pd.read_csv(results / "tiny" / "runs.csv")
     proc = bench("run", str(suite), "--results", str(results), "--executor", "local")
-    assert proc.returncode == 0 and "4 already finished, 0 to run" in proc.stdout
+    assert proc.returncode == 0 and "6 already finished, 0 to run" in proc.stdout
     after = pd.read_csv(results / "tiny" / "runs.csv")
     pd.testing.assert_frame_equal(before, after)
 

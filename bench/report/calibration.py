@@ -126,6 +126,9 @@ def calibration_sections(frame: pd.DataFrame, suite: Suite) -> list[str]:
     """Markdown sections: student top-1 next to ECE; the online teachers; ECE after temperature scaling."""
     labels = [m.label for m in suite.methods]
     parts = ["## Student test top-1 (%) / ECE (%), final epoch", _table(frame, suite, labels, ("top1", "ece"))]
+    done = frame[(frame.status == "finished") & (frame.fraction == max(suite.fractions))]
+    parts += [f"![Reliability diagrams, {p.label}]({reliability_path(Path(), p.teacher, p.student).name})"
+              for p in suite.pairs if ((done.teacher == p.teacher) & (done.student == p.student)).any()]  # fmt: skip
     online = [m.label for m in suite.methods if m.teacher_mode == "online"]
     if online:
         parts += [

@@ -29,16 +29,18 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from bench.calibration import final_calibration
-from bench.data import Splits, describe_loader
+from bench.data import Splits, describe_loader, run_indices
 from bench.engine import History, atomic_save, build_task, keep_freed_host_memory, seed_everything
 from bench.errors import BenchError
 from bench.lockstep import fit_lockstep
 from bench.locks import exclusive_lock
 from bench.models import create_model
 from bench.plugins import provenance
+from bench.provenance import dataset_inputs, run_note, run_tags, scale_tags
 from bench.run.jobs import SKIPPED, Outcome, teacher_specs
 from bench.run.options import RunOptions
 from bench.suites import RunSpec
@@ -60,6 +62,13 @@ class Workspace:
     device: torch.device
     run_root: Path
     log: Callable[[str], None] = print
+    world_size: int = 1  # workers training one run together (data parallel); tagged with the global batch
+
+
+def provenance_tags(spec: RunSpec, ws: Workspace) -> dict[str, str]:
+    """What produced a run (``bench.provenance``): code, software, hardware, and the run's scale (the recipe's
+    batch is the global batch, whatever the number of workers)."""
+    return {**run_tags(ws.options.invocation, ws.device), **scale_tags(ws.world_size, spec.recipe.batch_size)}
 
 
 @contextmanager
@@ -76,7 +85,11 @@ class Run:
     def __init__(self, spec: RunSpec, ws: Workspace, tags: dict[str, str]) -> None:
         self.spec, self.ws = spec, ws
         self.run_dir = ws.run_root / spec.hash
-        self.run_id, self.resumed = ws.tracker.start(spec.run_name, spec.hash, spec.params(), tags)
+        self.run_id, self.resumed = ws.tracker.start(spec.run_name, spec.hash, spec.params(),
+                                                     {**provenance_tags(spec, ws), **tags})  # fmt: skip
+        diff = ws.options.invocation.diff if ws.options.invocation is not None else None
+        if diff is not None:
+            ws.tracker.log_artifact(self.run_id, diff)
         self.outcome: Outcome | None = None  # set when the run ends
         if spec.code:
             self.record_code()
@@ -109,6 +122,7 @@ class Run:
         )  # fmt: skip
         ws.tracker.set_tags(self.run_id, {"data": describe_loader(self.task.train_loader),
                                           "malloc_tuning": keep_freed_host_memory()})  # fmt: skip
+        self.record_data(cls.teacher_mode)
         info = ws.splits.info
         seed_everything(spec.seed)
         student = create_model(spec.student, info.num_classes, info.in_channels)
@@ -118,6 +132,18 @@ class Run:
         context = MethodContext(info, self.task.train_loader.num_samples, spec.recipe.epochs)
         self.method = cls(student, teacher_model, hparams, context)
         self.hooks = EpochLogger(ws.tracker, self.run_id, partial(on_epoch, spec) if on_epoch is not None else None)
+
+    def record_data(self, teacher_mode: str) -> None:
+        """The run's data as MLflow dataset inputs (digests of the chosen indices) and its spec as the run's
+        note."""
+        spec, splits = self.spec, self.ws.splits
+        train_targets, test_targets = splits.train.target_array(), splits.test.target_array()
+        train, val = run_indices(train_targets, spec.fraction, spec.seed, spec.recipe.val_fraction)
+        chosen = {"train": (train, train_targets), "test": (np.arange(len(test_targets)), test_targets)}
+        if len(val):
+            chosen["val"] = (val, train_targets)
+        self.ws.tracker.log_inputs(self.run_id, dataset_inputs(spec.dataset, spec.fraction, spec.seed, chosen))
+        self.ws.tracker.set_tags(self.run_id, {"mlflow.note.content": run_note(spec, teacher_mode, len(train))})
 
     def finish(self, history: History, teacher: TeacherRecord | None, tags: dict[str, str]) -> Outcome:
         """Final metrics, calibration and the student's weights; ends the MLflow run FINISHED."""

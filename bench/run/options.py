@@ -11,6 +11,7 @@ from pathlib import Path
 from bench.data import Splits, load_dataset
 from bench.engine import FastPaths, pick_device
 from bench.errors import BenchError
+from bench.provenance import Invocation
 from bench.suites import Suite
 from bench.teachers import use_published_teachers
 from bench.tracking import Tracker, default_tracking_uri
@@ -36,6 +37,7 @@ class RunOptions:
     share_teacher: bool | None = None  # lockstep groups (bench.lockstep); default: the suite's share_teacher
     teacher_cache: bool = True  # FastPaths.teacher_cache
     device_data: bool = True  # FastPaths.device_data
+    invocation: Invocation | None = None  # set by run_suite / run_sweep: what every run of it records once
 
     @property
     def fast(self) -> FastPaths:

@@ -11,11 +11,12 @@ Not here: a run's lifecycle (``bench.run.lifecycle``), the tables (``bench.repor
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bench.engine import pick_device
+from bench.provenance import start_invocation
 from bench.run.jobs import SKIPPED, Workload
-from bench.run.options import RunOptions, check_inputs, make_tracker
+from bench.run.options import RunOptions, check_inputs, make_tracker, suite_dir
 from bench.run.progress import Progress
 from bench.suites import Suite, expand
 from bench.tracking import FINISHED
@@ -55,6 +56,8 @@ def run_suite(suite: Suite, options: RunOptions, log=print) -> SuiteReport:
     where = "Ray Tune" if ray_mode else str(device)
     log(f"suite {suite.name}: {len(specs)} runs, {len(report.skipped)} already finished, {len(pending)} to run"
         + (f" ({resumable} resume an unfinished MLflow run)" if resumable else "") + f" on {where}")  # fmt: skip
+    if pending and options.invocation is None:  # the environment and git diff, recorded once for these runs
+        options = replace(options, invocation=start_invocation(suite_dir(options, suite)))
     bars = options.progress and not ray_mode  # the local executor's per-epoch bars own the terminal line
     progress = Progress(suite.name, pending, len(report.skipped), log, live_output(options) and not bars)
     work = Workload(suite, pending, splits, options, tracker, log)
@@ -66,6 +69,8 @@ def run_suite(suite: Suite, options: RunOptions, log=print) -> SuiteReport:
         outcomes = executor.execute(work, progress)
     finally:
         progress.close()
+        if options.invocation is not None:
+            options.invocation.wait()
     for outcome in outcomes:
         (report.finished if outcome.status in (FINISHED, SKIPPED) else report.failed).append(outcome.key)
     return report

@@ -7,6 +7,7 @@ The schema and selection: ``bench.sweep``; the files: ``bench.report.sweep``.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from bench.engine import pick_device
 from bench.errors import BenchError
+from bench.provenance import start_invocation
 from bench.report.sweep import SweepReport, final_frame, trial_frame, write_outputs
 from bench.run import ray as ray_executor
 from bench.run.jobs import Workload
@@ -56,6 +58,7 @@ def run_sweep(suite: Suite, options: RunOptions, log=print) -> SweepReport:
     tracker = make_tracker(suite, options, experiment=f"{suite.name}-sweep")
     main_tracker = make_tracker(suite, options)
     out = suite_dir(options, suite)
+    options = replace(options, invocation=options.invocation or start_invocation(out))  # recorded once for all runs
     log(f"sweep {suite.name}: {sweep.num_trials} trials of {settings.method} on {sweep.base.teacher}→"
         f"{sweep.base.student}, fraction {sweep.base.fraction:g}, selecting on {settings.metric} ({settings.mode}) "
         f"of a {settings.val_fraction:g} validation split")  # fmt: skip
@@ -112,6 +115,7 @@ def run_sweep(suite: Suite, options: RunOptions, log=print) -> SweepReport:
     failed = int((trials.status == "failed").sum()) + int((final.status != "finished").sum())
     report = SweepReport(trials, best, final, failed)
     report.files = write_outputs(suite, sweep, report, out)
+    options.invocation.wait()
     log(f"wrote {', '.join(str(p) for p in report.files)}")
     return report
 
