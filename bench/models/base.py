@@ -9,7 +9,8 @@ re-nesting modules.
 
 Pre-activation stage outputs (``forward_features(x, preact=True)``) are those of RepDistiller's and mdistiller's
 ``preact=True`` feature lists: for a stage that ends with a ReLU (CIFAR ResNets, ResNet50, VGG, ShuffleNets,
-torchvision ResNets, MobileNet-V1) the tensor whose ReLU is the stage output; for MobileNetV2 (whose stages end
+torchvision ResNets, MobileNet-V1) the tensor whose ReLU is the stage output (ShuffleNetV2: before the block's
+channel shuffle, as CRD returns it, so the output is the shuffled ReLU); for MobileNetV2 (whose stages end
 with a linear bottleneck) the stage output itself; for WRN the next block's first BatchNorm applied to the raw
 stage output (the final ``bn1`` for the last stage), as RepDistiller's ``wrn.py`` does. They are computed only
 when asked for, as by-products of the same forward pass (no extra layer runs, no extra cost otherwise).
