@@ -66,6 +66,9 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
                    "reference run)")  # fmt: skip
     p.add_argument("--channels-last", action="store_true", help="NHWC models and batches (recipe.channels_last)")
     p.add_argument("--compile", action="store_true", help="torch.compile each method's forward_train (recipe.compile)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic cuDNN, no cuDNN benchmark, "
+                   "torch.use_deterministic_algorithms (warn only) (recipe.deterministic; TF32 is off unless "
+                   "recipe.tf32)")  # fmt: skip
     p.add_argument("--share-teacher", action=argparse.BooleanOptionalAction, default=None,
                    help="train offline runs that share teacher, data, fraction, seed and batches in lockstep: one "
                    "teacher pass per batch for the group, results unchanged (default: the suite's share_teacher, "
@@ -81,7 +84,8 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
 
 
 def with_speed_flags(suite, args):
-    """The suite with --amp / --channels-last / --compile set in its recipe (they are part of each run's hash)."""
+    """The suite with --amp / --channels-last / --compile / --deterministic set in its recipe (they are part of
+    each run's hash)."""
     from bench.api import SPEED_FLAGS, with_speed_flags as apply
 
     return apply(suite, {k: getattr(args, k) for k in SPEED_FLAGS})

@@ -14,7 +14,7 @@ A suite is a shipped name, a YAML path, a mapping with the YAML schema (validate
 are loaded at the first call. Run options are the fields of ``bench.run.RunOptions`` (``results_dir``,
 ``data_root``, ``device``, ``rerun``, ``executor``, ``cpus_per_run``, ...; the API's executor defaults to
 ``local``, the CLI's to ``ray``) plus ``amp``, ``channels_last`` and ``compile`` (recipe switches, part of each
-run's hash). Bad input raises ``bench.errors.BenchError`` before anything is written.
+run's hash; ``deterministic`` too). Bad input raises ``bench.errors.BenchError`` before anything is written.
 
 ``compare(a, b)`` compares two result sets of one suite cell by cell (``python -m bench compare``).
 """
@@ -34,7 +34,7 @@ from bench.run import RunOptions, SuiteReport, make_tracker, suite_dir
 from bench.suites import Suite, expand, list_suites, load_suite as load_suite_file, parse_suite
 
 SuiteLike = str | Path | Mapping[str, Any] | Suite
-SPEED_FLAGS = ("amp", "channels_last", "compile")
+SPEED_FLAGS = ("amp", "channels_last", "compile", "deterministic")  # recipe switches set from the command line
 
 
 def load_plugins(plugins: Iterable[str] = (), base: Path | None = None, where: str = "plugins") -> None:
@@ -69,8 +69,10 @@ def run_options(**options: Any) -> RunOptions:
 
 
 def with_speed_flags(suite: Suite, flags: dict[str, bool]) -> Suite:
-    """The suite with amp / channels_last / compile set in its recipe (part of each run's hash)."""
+    """The suite with amp / channels_last / compile / deterministic set in its recipe (part of each run's hash)."""
     changes = {k: True for k, v in flags.items() if v}
+    if changes.get("deterministic"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any CUDA work (bench.engine)
     return replace(suite, recipe=replace(suite.recipe, **changes)) if changes else suite
 
 

@@ -52,6 +52,12 @@ class Recipe:
     amp: bool = False  # bf16 autocast of the forward passes (teacher, student, losses) and evaluation
     channels_last: bool = False  # NHWC memory format for the models and the input batches
     compile: bool = False  # torch.compile of the method's training forward (``forward_train``)
+    # Numerics on CUDA (``apply_numerics``; nothing changes on a CPU): TF32 matmuls and convolutions only when
+    # asked for (a reference run computes in full fp32); ``deterministic`` = deterministic cuDNN, no cuDNN
+    # benchmark, ``torch.use_deterministic_algorithms`` (warn only). Recipe fields, so part of the run's hash
+    # and its MLflow params (``recipe.tf32``, ``recipe.deterministic``).
+    tf32: bool = False
+    deterministic: bool = False
 
     def validate(self, where: str) -> None:
         from bench.data import AUGMENTATIONS
@@ -153,6 +159,29 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"device {name!r} requested but CUDA is not available")
     return device
+
+
+def apply_numerics(recipe: Recipe, device: torch.device) -> None:
+    """Set the process-wide numerics switches of ``recipe`` (see its ``tf32`` / ``deterministic`` fields).
+
+    On CUDA: ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32`` =
+    ``recipe.tf32`` (PyTorch's own defaults differ: cuDNN convolutions use TF32 unless told otherwise); with
+    ``recipe.deterministic`` also ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` if unset (cuBLAS reads it when it starts,
+    so the CLI's ``--deterministic`` is set before any CUDA work). On every device: ``cudnn.deterministic``
+    and ``torch.use_deterministic_algorithms(warn_only=True)`` follow ``recipe.deterministic``, which turns
+    ``cudnn.benchmark`` off. A CPU run with the default recipe changes no setting: no cuDNN, no TF32, and
+    deterministic algorithms stay off as they are by default."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = recipe.tf32
+        torch.backends.cudnn.allow_tf32 = recipe.tf32
+        if recipe.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = recipe.deterministic
+    if recipe.deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(False)
 
 
 def seed_everything(seed: int) -> None:
@@ -269,6 +298,7 @@ class TrainingRun:
     def __init__(self, method, task: Task, recipe: Recipe, hooks: Hooks | None = None) -> None:
         self.method, self.task, self.recipe, self.hooks = method, task, recipe, hooks
         keep_freed_host_memory()
+        apply_numerics(recipe, task.device)
         method.to(task.device)
         if recipe.channels_last:
             method.to(memory_format=torch.channels_last)

@@ -49,8 +49,10 @@ from bench.teacher_cache import (
     tensor_leaves,
 )
 
-# Recipe fields that decide the batches or the teacher's output: runs in lockstep must agree on them.
-SHARED_RECIPE_FIELDS = ("batch_size", "augment", "val_fraction", "amp", "channels_last", "compile")
+# Recipe fields that decide the batches or the teacher's output, or set process-wide numerics (tf32,
+# deterministic): runs in lockstep must agree on them.
+SHARED_RECIPE_FIELDS = ("batch_size", "augment", "val_fraction", "amp", "channels_last", "compile", "tf32",
+                        "deterministic")  # fmt: skip
 
 
 @dataclass

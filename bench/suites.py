@@ -15,6 +15,11 @@ Example (``suites/mini.yaml``)::
     seeds: [0, 1, 2]
     recipe: {epochs: 20, lr: 0.05, milestones: [12, 16]}
     target_top1: 90
+
+A run's recipe is the suite's ``recipe``, updated by its pair's ``recipe`` (e.g. lr 0.01 for the MobileNetV2 /
+ShuffleNet students of the CRD protocol), then by its method entry's ``recipe`` (``{name, label, hparams,
+recipe}``: the protocol a method's reference numbers were measured with, e.g. mdistiller's batch 512 / lr 0.2
+for DKD on ImageNet). The result is part of the run's hash.
 """
 from __future__ import annotations
 
@@ -52,12 +57,14 @@ SUITES_DIR = shipped_suites_dir()
 
 @dataclass
 class MethodEntry:
-    """One column of the table: a registered method, its label and hyperparameter overrides."""
+    """One column of the table: a registered method, its label, hyperparameter and recipe overrides (the
+    recipe overrides apply after the pair's)."""
 
     name: str
     label: str
     hparams: dict[str, Any] = field(default_factory=dict)
     teacher_mode: str = "offline"  # the method's: "none", "offline" or "online" (the tables need to know)
+    recipe: dict[str, Any] = field(default_factory=dict)  # recipe overrides of this method (after the pair's)
 
 
 @dataclass
@@ -250,6 +257,7 @@ def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
     entries = []
     for i, item in enumerate(raw):
         w = f"{where}[{i}]"
+        recipe: Any = {}
         if isinstance(item, str):
             name, hparams, label = item, {}, item
         elif isinstance(item, dict) and len(item) == 1 and "name" not in item:
@@ -260,8 +268,11 @@ def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
             name = item.pop("name")
             label = item.pop("label", name)
             hparams = item.pop("hparams", {})
+            recipe = item.pop("recipe", {}) or {}
             if item:
-                raise BenchError(f"{w}: unknown key {sorted(item)[0]!r} (allowed: name, label, hparams)")
+                raise BenchError(f"{w}: unknown key {sorted(item)[0]!r} (allowed: name, label, hparams, recipe)")
+            if not isinstance(recipe, dict):
+                raise BenchError(f"{w}.recipe: expected a mapping of recipe fields, got {recipe!r}")
         else:
             raise BenchError(f"{w}: expected a method name or a mapping {{name: {{hparam: value}}}}")
         if not isinstance(name, str):
@@ -272,7 +283,7 @@ def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
             raise BenchError(f"{w}: {err}") from None
         hparams = hparams or {}
         build_hparams(name, hparams, f"{w}.{name}")  # validate now
-        entries.append(MethodEntry(name, str(label), dict(hparams), cls.teacher_mode))
+        entries.append(MethodEntry(name, str(label), dict(hparams), cls.teacher_mode, dict(recipe)))
     labels = [e.label for e in entries]
     dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dupes:
@@ -355,6 +366,9 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
     recipe = from_mapping(Recipe, raw.get("recipe"), f"{where}.recipe")
     for i, pair in enumerate(pairs):
         from_mapping(Recipe, pair.recipe, f"{where}.pairs[{i}].recipe", base=recipe)
+    for i, entry in enumerate(methods):
+        for pair in pairs:  # the method's recipe on top of every pair's (the combination is what runs)
+            run_recipe(recipe, pair, entry, f"{where}.methods[{i}].recipe")
     teacher = from_mapping(TeacherSettings, raw.get("teacher"), f"{where}.teacher")
     from_mapping(Recipe, teacher.recipe, f"{where}.teacher.recipe", base=recipe)
     target = raw.get("target_top1")
@@ -412,6 +426,11 @@ def load_suite(name_or_path: str | Path) -> Suite:
     return parse_suite(raw, path)
 
 
+def run_recipe(base: Recipe, pair: Pair, entry: MethodEntry, where: str = "recipe") -> Recipe:
+    """The recipe a (pair, method) runs with: ``base`` updated by the pair's, then the method entry's overrides."""
+    return from_mapping(Recipe, {**pair.recipe, **entry.recipe}, where, base=base)
+
+
 def teacher_spec(suite: Suite, pair: Pair) -> TeacherSpec:
     from bench.plugins import code_digests
 
@@ -434,10 +453,10 @@ def expand(suite: Suite) -> list[RunSpec]:
 
     specs = []
     for pair in suite.pairs:
-        recipe = from_mapping(Recipe, pair.recipe, "recipe", base=suite.recipe)
         for entry in suite.methods:
             if entry.label in pair.exclude:
                 continue
+            recipe = run_recipe(suite.recipe, pair, entry)
             cls = get_method(entry.name)
             values = {**entry.hparams, **pair.hparams.get(entry.label, {})}
             hparams = to_dict(build_hparams(entry.name, values, entry.label))

@@ -25,7 +25,7 @@ import yaml
 
 from bench.config import from_mapping, to_dict
 from bench.data import Splits
-from bench.engine import atomic_save, build_task, predict, seed_everything
+from bench.engine import apply_numerics, atomic_save, build_task, predict, seed_everything
 from bench.errors import BenchError
 from bench.metrics import classification_metrics
 from bench.models import StagedNet, create_model
@@ -224,6 +224,7 @@ def ensure_teacher(
             record = TeacherRecord(spec, final, saved["metrics"], sha256)
     if record is None:
         if spec.checkpoint is not None:
+            apply_numerics(spec.recipe, device)  # evaluated with the numerics its students train with
             model = build_teacher(spec, splits, read_state_dict(spec.checkpoint)).to(device)
             task = build_task(splits, 1.0, spec.seed, spec.recipe, device, progress=False)
             metrics = classification_metrics(*predict(model, task.eval_loaders["test"]))

@@ -91,10 +91,12 @@ class Method(nn.Module):
         return self
 
     @torch.no_grad()
-    def teacher_features(self, x: Tensor) -> Features:
+    def teacher_features(self, x: Tensor, preact: bool = False) -> Features:
         """Frozen teacher forward (offline methods). ``no_grad`` rather than ``inference_mode``: the
-        outputs enter losses whose backward saves them."""
-        return self.teacher.forward_features(x)
+        outputs enter losses whose backward saves them. ``preact`` also returns the pre-activation stage
+        outputs; such a call is not a plain ``forward_features(x)``, so a shared teacher pass or the teacher
+        cache (which serve only those) leave it to the teacher."""
+        return self.teacher.forward_features(x, preact=True) if preact else self.teacher.forward_features(x)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -4,9 +4,12 @@ Gross & Clark, arXiv 2212.12965; v2 2024).
 Online KD: the teacher (the pair's teacher architecture) and the student train together from scratch, one
 SGD step over both per batch; both are evaluated every epoch. The paper's body, equations and code were not
 available to us (see ``shared/research/methods.md`` §2): the abstracts say the student's distillation loss
-weighs forward KL(p_t‖p_s) and reverse KL(p_s‖p_t) sample by sample, guided by the entropy gap between the
-two predictions, and that v2 also adjusts the teacher's loss (a reverse-KL regulariser). What follows is
-**our reading**, every choice a hyperparameter:
+weighs forward and reverse KL sample by sample, guided by the entropy gap between the two predictions, and that
+v2 also adjusts the teacher's loss (a secondary summary: "the teacher objective uses reverse KL as a
+regularizer"). What follows is **our reading**, every choice a hyperparameter.
+
+Naming, absolute, whichever network is trained: **forward** = KL(p_t‖p_s), **reverse** = KL(p_s‖p_t), with p_t
+the teacher's and p_s the student's softened prediction.
 
 Student (``bdkd_student_loss``)::
 
@@ -19,18 +22,28 @@ with p = softmax(z / T), the teacher detached, and weights from the entropy gap
   (Δ_i > 0), forward KL otherwise: w_r,i = reverse_weight·[Δ_i > 0], w_f,i = forward_weight·[Δ_i ≤ 0];
 - ``balance="soft"``: w_r,i = reverse_weight·σ(Δ_i/κ), w_f,i = forward_weight·(1 − σ(Δ_i/κ)).
 
-Teacher (``bdkd_teacher_loss``)::
+Teacher (``bdkd_teacher_loss``), the student detached::
 
     L_t = CE(z_t, y) + teacher_weight · T² · mean_i D_i
 
-where D is a divergence between the teacher and the detached student, named from the teacher's side as
-for the student (the trained network is "self", the detached one the target): ``"forward"`` =
-KL(p_s‖p_t), the conventional DML teacher term (our reading of v1, which balanced only the student loss);
-``"reverse"`` (default, our reading of v2's "reverse KL as a regulariser") = KL(p_t‖p_s); ``"none"`` =
-CE alone.
+- ``teacher_divergence="forward"`` (default): D = KL(p_t‖p_s), the gradient reaching the teacher through its
+  own distribution in the *first* argument. This is our reading of the "reverse-KL regulariser": reverse from
+  the trained network's side (its own distribution first, the mode-seeking direction for it), and it is the
+  reading under which v2 "adjusts the conventional online distillation loss" of the teacher at all: the
+  conventional (DML) teacher term is the other one.
+- ``teacher_divergence="reverse"``: D = KL(p_s‖p_t), i.e. reverse KL in absolute naming, which is exactly DML's
+  teacher term (the teacher fits the detached student's distribution); our reading of v1, which balanced only
+  the student's loss, and the literal reading of "reverse KL" with absolute names.
+- ``teacher_divergence="none"``: CE alone.
+- ``teacher_balance=True``: the same sample-wise balance on the teacher's loss too (v2: "sample-wise weighting
+  of forward and reverse KL ... on both the student and teacher losses"): D_i = w_f,i·KL(p_t‖p_s) +
+  w_r,i·KL(p_s‖p_t) with the student's weights (the same Δ_i, ``balance``, weights and κ); then
+  ``teacher_divergence`` must not be ``"none"`` (it is otherwise unused).
+
+``suites/ablation-bdkd.yaml`` runs these readings side by side on digits (accuracy and calibration).
 
 Choices where the paper is silent to us: T = 1 (DML's plain softmax; with ``balance="hard"`` and
-``teacher_divergence="forward"`` a batch where every Δ_i ≤ 0 gives exactly DML's losses, so ``bdkd`` vs
+``teacher_divergence="reverse"`` a batch where every Δ_i ≤ 0 gives exactly DML's losses, so ``bdkd`` vs
 ``dml`` isolates the balancing), entropies computed at the same temperature T as the divergences they
 weigh, κ = 1 nat, ``teacher_weight`` = 1 (DML's weight), no warm-up.
 """
@@ -48,7 +61,7 @@ from methods.base import Method, register_method
 from methods.kd import kl_per_sample
 
 Balance = Literal["hard", "soft"]
-TeacherDivergence = Literal["reverse", "forward", "none"]
+TeacherDivergence = Literal["forward", "reverse", "none"]
 
 
 def entropy_gap(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -73,6 +86,24 @@ def balance_weights(
     return forward_weight * (1 - reverse), reverse_weight * reverse
 
 
+def balanced_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    balance: Balance = "hard",
+    forward_weight: float = 1.0,
+    reverse_weight: float = 1.0,
+    kappa: float = 1.0,
+) -> Tensor:
+    """Per sample: w_f,i·KL(p_t,i‖p_s,i) + w_r,i·KL(p_s,i‖p_t,i), weights from Δ_i. Gradients reach whichever
+    logits the caller did not detach."""
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    gap = entropy_gap(student_logits, teacher_logits, temperature)
+    w_f, w_r = balance_weights(gap, balance, forward_weight, reverse_weight, kappa)
+    return w_f * kl_per_sample(log_p_t, log_p_s) + w_r * kl_per_sample(log_p_s, log_p_t)
+
+
 def bdkd_student_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -84,12 +115,9 @@ def bdkd_student_loss(
     kappa: float = 1.0,
 ) -> Tensor:
     """CE + T²·mean_i[w_f,i KL(p_t,i‖p_s,i) + w_r,i KL(p_s,i‖p_t,i)], teacher detached, weights from Δ_i."""
-    teacher_logits = teacher_logits.detach()
-    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
-    gap = entropy_gap(student_logits, teacher_logits, temperature)
-    w_f, w_r = balance_weights(gap, balance, forward_weight, reverse_weight, kappa)
-    distill = w_f * kl_per_sample(log_p_t, log_p_s) + w_r * kl_per_sample(log_p_s, log_p_t)
+    distill = balanced_divergence(
+        student_logits, teacher_logits.detach(), temperature, balance, forward_weight, reverse_weight, kappa
+    )
     return F.cross_entropy(student_logits, targets) + temperature**2 * distill.mean()
 
 
@@ -99,21 +127,33 @@ def bdkd_teacher_loss(
     targets: Tensor,
     temperature: float = 1.0,
     teacher_weight: float = 1.0,
-    teacher_divergence: TeacherDivergence = "reverse",
+    teacher_divergence: TeacherDivergence = "forward",
+    teacher_balance: bool = False,
+    balance: Balance = "hard",
+    forward_weight: float = 1.0,
+    reverse_weight: float = 1.0,
+    kappa: float = 1.0,
 ) -> Tensor:
-    """CE + teacher_weight·T²·mean_i D_i, student detached; D = KL(p_t‖p_s) ("reverse"), KL(p_s‖p_t)
-    ("forward") or 0 ("none")."""
+    """CE + teacher_weight·T²·mean_i D_i, student detached; D = KL(p_t‖p_s) ("forward"), KL(p_s‖p_t)
+    ("reverse"), 0 ("none"), or with ``teacher_balance`` the student's balanced mix of both (the balance
+    arguments are used only then)."""
     ce = F.cross_entropy(teacher_logits, targets)
     if teacher_divergence == "none":
         return ce
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
-    log_p_s = F.log_softmax(student_logits.detach() / temperature, dim=1)
-    if teacher_divergence == "reverse":
-        div = kl_per_sample(log_p_t, log_p_s)
-    elif teacher_divergence == "forward":
-        div = kl_per_sample(log_p_s, log_p_t)
+    student_logits = student_logits.detach()
+    if teacher_balance:
+        div = balanced_divergence(
+            student_logits, teacher_logits, temperature, balance, forward_weight, reverse_weight, kappa
+        )
     else:
-        raise ValueError(f"teacher_divergence must be 'reverse', 'forward' or 'none', got {teacher_divergence!r}")
+        log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+        log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+        if teacher_divergence == "forward":
+            div = kl_per_sample(log_p_t, log_p_s)
+        elif teacher_divergence == "reverse":
+            div = kl_per_sample(log_p_s, log_p_t)
+        else:
+            raise ValueError(f"teacher_divergence must be 'forward', 'reverse' or 'none', got {teacher_divergence!r}")
     return ce + teacher_weight * temperature**2 * div.mean()
 
 
@@ -125,7 +165,8 @@ class BDKDHparams:
     reverse_weight: float = 1.0
     kappa: float = 1.0
     teacher_weight: float = 1.0
-    teacher_divergence: TeacherDivergence = "reverse"
+    teacher_divergence: TeacherDivergence = "forward"  # absolute naming: KL(p_t‖p_s) into the teacher
+    teacher_balance: bool = False
 
     def validate(self, where: str) -> None:
         checks = [
@@ -134,7 +175,9 @@ class BDKDHparams:
             (self.forward_weight >= 0, "forward_weight", "must be >= 0"),
             (self.reverse_weight >= 0, "reverse_weight", "must be >= 0"),
             (self.teacher_weight >= 0, "teacher_weight", "must be >= 0"),
-        ]
+            (not (self.teacher_balance and self.teacher_divergence == "none"), "teacher_divergence",
+             "must not be 'none' with teacher_balance: true (the balanced teacher term needs a divergence)"),
+        ]  # fmt: skip
         check_fields(self, where, checks)
 
 
@@ -151,5 +194,8 @@ class BDKD(Method):
         student = bdkd_student_loss(
             logits, teacher_logits, y, hp.temperature, hp.balance, hp.forward_weight, hp.reverse_weight, hp.kappa
         )
-        teacher = bdkd_teacher_loss(teacher_logits, logits, y, hp.temperature, hp.teacher_weight, hp.teacher_divergence)
+        teacher = bdkd_teacher_loss(
+            teacher_logits, logits, y, hp.temperature, hp.teacher_weight, hp.teacher_divergence, hp.teacher_balance,
+            hp.balance, hp.forward_weight, hp.reverse_weight, hp.kappa,
+        )  # fmt: skip
         return logits, {"student": student, "teacher": teacher}

@@ -21,9 +21,16 @@ those.
 Choice: a batch of one sample (the last, short batch of an epoch) cannot be batch-normalised at the 1×1 pooled
 level; for such a batch the ABFs' BatchNorm layers use their running statistics (and do not update them).
 
-Deviation: the official code and mdistiller compare with the teacher's *pre-activation* stage outputs
-(``preact=True``); the staged models of this harness expose post-activation stage outputs only, which are used
-for both networks. Where the teacher's stage ends with a ReLU the targets are therefore clipped at 0.
+Feature taps (``teacher_preact``, ``student_preact``): the official code and mdistiller compare with the
+teacher's *pre-activation* stage outputs (``teacher(x, preact=True)``; mdistiller ``preact_feats``), i.e. before the
+final ReLU of each stage, and for WRN teachers the next block's BatchNorm applied to the raw stage output
+(:mod:`bench.models.base`); the student's stage outputs are taken after their activation on CIFAR
+(``student_preact=False``, the default, as the official CIFAR code and mdistiller's ``STU_PREACT: False``) and
+before it on ImageNet (the official ImageNet code and mdistiller's ImageNet configs, ``STU_PREACT: True``; the
+``imagenet`` suite sets ``student_preact: true``). The pooled pre-logit level is the same either way. The
+teacher's pre-activation pass is not a plain ``forward_features(x)``, so the teacher cache and a lockstep group's
+shared teacher pass do not serve it (``Method.teacher_features``): a ``reviewkd`` run computes its own teacher
+pass each step (same result, more time).
 """
 from __future__ import annotations
 
@@ -91,6 +98,8 @@ class ReviewKDHparams:
     reviewkd_weight: float = 1.0
     warmup_epochs: int = 20
     max_mid_channels: int = 512
+    teacher_preact: bool = True  # official code / mdistiller: the teacher's pre-activation stage outputs
+    student_preact: bool = False  # True on ImageNet (official ImageNet code, mdistiller STU_PREACT)
 
     def validate(self, where: str) -> None:
         if self.warmup_epochs < 0:
@@ -133,13 +142,15 @@ class ReviewKD(Method):
         return outputs
 
     def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        feats = self.student.forward_features(x)
-        t_feats = self.teacher_features(x)
-        teacher_levels = _levels(t_feats.stages, t_feats.feature)
+        hp = self.hp
+        feats = self.student.forward_features(x, preact=hp.student_preact)
+        t_feats = self.teacher_features(x, preact=hp.teacher_preact)
+        teacher_levels = _levels(t_feats.preact_stages if hp.teacher_preact else t_feats.stages, t_feats.feature)
+        student_levels = _levels(feats.preact_stages if hp.student_preact else feats.stages, feats.feature)
         with running_stats_batchnorm([self.abfs], enabled=x.shape[0] == 1):
-            outputs = self.review(_levels(feats.stages, feats.feature), teacher_levels)
-        weight = self.hp.reviewkd_weight * warmup_factor(self.epoch, self.hp.warmup_epochs)
+            outputs = self.review(student_levels, teacher_levels)
+        weight = hp.reviewkd_weight * warmup_factor(self.epoch, hp.warmup_epochs)
         return feats.logits, {
-            "ce": self.hp.ce_weight * F.cross_entropy(feats.logits, y),
+            "ce": hp.ce_weight * F.cross_entropy(feats.logits, y),
             "reviewkd": weight * reviewkd_loss(outputs, teacher_levels),
         }

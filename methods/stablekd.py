@@ -17,7 +17,8 @@ trains every group on its own:
   of block a-1 (``no_grad``), through an input adapter when the teacher's and student's shapes there differ;
   so no gradient crosses a group boundary inside the student;
 * a group ending at block b < S is trained to match the teacher's stage-b output (by default: as fed to block
-  b+1, i.e. bridged to the student's shape; :func:`block_feature_loss`, loss name ``feat_b<b>``); the group
+  b+1, i.e. bridged to the student's shape, compared with the student's pre-activation output where the
+  bridged target can be negative; :func:`block_feature_loss`, loss name ``feat_b<b>``); the group
   ending with the head is trained with CE + KD on logits (:func:`head_block_loss`, loss names ``ce`` and
   ``kd``, as :mod:`methods.kd`).
 
@@ -161,6 +162,8 @@ class StableKDHparams:
     feature_weight: float = 1.0
     always_adapt: bool = False
     bridge: Literal["shared", "separate"] = "shared"
+    student_feature: Literal["preact", "output"] = "preact"  # shared bridge: student tensor at a signed target
+    teacher_feature: Literal["output", "preact"] = "output"  # the teacher tensor bridged / compared
     temperature: float = 4.0
     ce_weight: float = 0.1
     kd_weight: float = 0.9
@@ -221,11 +224,34 @@ class StableKD(Method):
         gradient through the target; the bridge learns only from the blocks it feeds). Block b then learns
         to produce exactly the input block b+1 is trained on, so the decomposed blocks compose into a working
         student. Where shapes are equal this is the teacher's output itself.
+
+        *Reachable targets* (``student_feature``). A bridge ends with a BatchNorm, so its output is about half
+        negative, while a stage that ends with a ReLU (vgg8, ShuffleNets, the ResNets, MobileNet-V1) outputs no
+        negative value: compared with that output the loss cannot fall below roughly the energy of the
+        target's negative part (measured on resnet50 → vgg8: it stalls at ~0.45 of its initial value).
+        ``"preact"`` (default) therefore reads the bridge as mapping the teacher into the student's
+        **pre-activation** space wherever the target is signed (a bridged cut, or ``teacher_feature:
+        preact``): block b's pre-activation output (:meth:`~bench.models.StagedNet.forward_stage_preact`)
+        is compared with the bridged tensor, and block b+1 is fed the student's own activation of it
+        (:meth:`~bench.models.StagedNet.activate`, e.g. its ReLU), i.e. what block b outputs once its
+        pre-activation matches. So every target is reachable and block b+1 trains on inputs of the kind the
+        student's block b produces. Where the student's stage has no final activation (MobileNetV2: the
+        pre-activation is the output) or its pre-activation is not a stage's own tensor (WRN, whose raw stage
+        output is signed already), the output is compared, as it is where the target is the teacher's own
+        post-activation output (an identity bridge between equal shapes). ``"output"`` compares the stage
+        output everywhere and feeds block b+1 the bridged tensor itself (the earlier reading, unreachable
+        where a bridge meets a ReLU stage).
       - ``"separate"``: FitNet-style: the student's output goes through a second bridge (student → teacher
         shape) and is compared with the teacher's raw output. Where shapes differ, block b+1's training input
         and block b's output then live in unrelated spaces, and the end-to-end student stays at chance until
         the cut is merged (on digits, wrn_16_2 → wrn_16_1: ~10 % test top-1 for the first two thirds of the
-        budget with ``separate``, 30-85 % with ``shared``, both ~94 % at the end).
+        budget with ``separate``, 30-85 % with ``shared``, both ~94 % at the end). With ``teacher_feature:
+        preact`` this is the other reachable reading: the student's output mapped into the teacher's space
+        and compared with the teacher's pre-activation tensor.
+
+      ``teacher_feature``: the teacher tensor that is bridged (``shared``) or compared (``separate``): its
+      stage output (``"output"``, default) or its pre-activation output (``"preact"``, as
+      :mod:`bench.models.base` defines it; such a teacher pass is not served by the teacher cache).
 
       ``feature_weight`` 1.0: on digits (15 epochs, 2 seeds) 10 made the decomposed phases converge faster,
       but 20-30 degraded or diverged (NaN) with the shared bridge on wrn_16_2 → wrn_16_1; 1.0 was stable in
@@ -266,6 +292,12 @@ class StableKD(Method):
         self.output_adapters = nn.ModuleDict(
             {} if hparams.bridge == "shared" else {str(b): self._bridge(s_shapes[b], t_shapes[b]) for b in cuts}
         )
+        # cuts where block b's pre-activation is compared and block b+1 is fed the activated bridged tensor
+        signed = {b for b in cuts if isinstance(self.input_adapters[str(b)], Bridge)}
+        if hparams.teacher_feature == "preact":
+            signed = set(cuts)
+        uses_preact = hparams.bridge == "shared" and hparams.student_feature == "preact" and student.local_preact
+        self.preact_cuts = signed if uses_preact else set()
         self.groups = partition_at(0, self.phases)
 
     def _bridge(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> nn.Module:
@@ -284,25 +316,29 @@ class StableKD(Method):
         self.groups = self.partition_at(epoch)
 
     def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        t = self.teacher_features(x)
+        hp = self.hp
+        t = self.teacher_features(x, preact=hp.teacher_feature == "preact")
+        teacher_at = t.preact_stages if hp.teacher_feature == "preact" else t.stages
         cuts = [g.stop - 1 for g in self.groups[:-1]]
-        fed = {b: self.input_adapters[str(b)](t.stages[b]) for b in cuts}  # teacher stage b, student's shape
+        bridged = {b: self.input_adapters[str(b)](teacher_at[b]) for b in cuts}  # teacher stage b, student's shape
+        fed = {b: self.student.activate(b, v) if b in self.preact_cuts else v for b, v in bridged.items()}
         losses: dict[str, Tensor] = {}
         logits = None
         for group in self.groups:
             first, last = group.start, group.stop - 1
             h = self.student.forward_stem(x) if first == 0 else fed[first - 1]
-            h = self.student.forward_stages(h, first, min(last + 1, self.num_stages))
+            if last in self.preact_cuts:
+                h, preact = self.student.forward_stage_preact(last, self.student.forward_stages(h, first, last))
+            else:
+                h = self.student.forward_stages(h, first, min(last + 1, self.num_stages))
             if last == self.num_stages:
                 _, logits = self.student.forward_head(h)
-                hp = self.hp
                 losses.update(head_block_loss(logits, t.logits, y, hp.temperature, hp.ce_weight, hp.kd_weight))
                 continue
-            if self.hp.bridge == "shared":  # in the student's space: what the next block is fed
-                student_feat, target = h, fed[last].detach()
+            if hp.bridge == "shared":  # in the student's space: what the next block is fed (before activation)
+                student_feat = preact if last in self.preact_cuts else h
+                target = bridged[last].detach()
             else:  # in the teacher's space
-                student_feat, target = self.output_adapters[str(last)](h), t.stages[last]
-            losses[f"feat_b{last}"] = self.hp.feature_weight * block_feature_loss(
-                student_feat, target, self.hp.feature_loss
-            )
+                student_feat, target = self.output_adapters[str(last)](h), teacher_at[last]
+            losses[f"feat_b{last}"] = hp.feature_weight * block_feature_loss(student_feat, target, hp.feature_loss)
         return logits, losses

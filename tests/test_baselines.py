@@ -173,8 +173,8 @@ def test_reviewkd_loss_is_the_hierarchical_context_loss():
 def test_reviewkd_fuses_every_level_to_the_teacher_shapes_and_warms_up():
     method = build("reviewkd", student="resnet8", teacher="wrn_16_2")
     x, y = batch()
-    s, t = method.student.forward_features(x), method.teacher.forward_features(x)
-    levels_t = [*t.stages, t.feature[:, :, None, None]]
+    s, t = method.student.forward_features(x), method.teacher.forward_features(x, preact=True)
+    levels_t = [*t.preact_stages, t.feature[:, :, None, None]]  # the teacher's pre-activations (official code)
     outputs = method.review([*s.stages, s.feature[:, :, None, None]], levels_t)
     assert [o.shape for o in outputs] == [f.shape for f in levels_t]
     assert method.abfs[-1].att_conv is None and all(a.att_conv is not None for a in method.abfs[:-1])
@@ -184,6 +184,27 @@ def test_reviewkd_fuses_every_level_to_the_teacher_shapes_and_warms_up():
     full = method.forward_train(x, y)[1]["reviewkd"].item()
     assert first == pytest.approx(full / 20, rel=1e-4)  # mdistiller: min(epoch / 20, 1) with 1-based epochs
     assert full == pytest.approx(reviewkd_loss(outputs, levels_t).item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("teacher_preact,student_preact", [(True, False), (False, False), (True, True)])
+def test_reviewkd_compares_the_chosen_feature_taps(teacher_preact, student_preact):
+    """Default (CIFAR, official code): the teacher's pre-activations, the student's post-activation outputs; the
+    ImageNet setting takes the student's pre-activations too. The HCL of the ABF outputs against the chosen
+    teacher tensors is the loss, and it differs from the loss against the other teacher tensors."""
+    method = build("reviewkd", student="resnet8", teacher="resnet14", warmup_epochs=0,
+                   teacher_preact=teacher_preact, student_preact=student_preact)  # fmt: skip
+    x, y = batch()
+    with torch.no_grad():
+        s = method.student.forward_features(x, preact=True)
+        t = method.teacher.forward_features(x, preact=True)
+        s_levels = [*(s.preact_stages if student_preact else s.stages), s.feature[:, :, None, None]]
+        t_levels = {tap: [*stages, t.feature[:, :, None, None]] for tap, stages in
+                    ((True, t.preact_stages), (False, t.stages))}  # fmt: skip
+        got = method.forward_train(x, y)[1]["reviewkd"]
+        outputs = method.review(s_levels, t_levels[teacher_preact])
+    assert (t.preact_stages[0] < 0).any()  # the pre-activation targets are not clipped at 0
+    assert got.item() == pytest.approx(reviewkd_loss(outputs, t_levels[teacher_preact]).item(), rel=1e-5)
+    assert got.item() != pytest.approx(reviewkd_loss(outputs, t_levels[not teacher_preact]).item(), rel=1e-3)
 
 
 def test_reviewkd_trains_on_a_batch_of_one():

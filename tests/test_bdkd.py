@@ -81,12 +81,31 @@ def test_student_loss_matches_a_loop_at_temperature(balance):
 
 @pytest.mark.parametrize(
     "divergence, expected",
-    [("reverse", CE_T + 0.5 * (FWD[0] + FWD[1]) / 2), ("forward", CE_T + 0.5 * (REV[0] + REV[1]) / 2), ("none", CE_T)],
+    [("forward", CE_T + 0.5 * (FWD[0] + FWD[1]) / 2), ("reverse", CE_T + 0.5 * (REV[0] + REV[1]) / 2), ("none", CE_T)],
 )
 def test_teacher_loss_by_hand(divergence, expected):
-    # from the teacher's side: reverse = KL(p_t || p_s) (the student's FWD above), forward = KL(p_s || p_t)
+    # absolute names, whichever network is trained: forward = KL(p_t || p_s), reverse = KL(p_s || p_t)
     got = bdkd_teacher_loss(TEACHER, STUDENT, TARGETS, teacher_weight=0.5, teacher_divergence=divergence)
     assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_balanced_teacher_loss_by_hand():
+    # the student's hard weights: sample 1 (student less confident) reverse KL, sample 2 forward KL
+    expected = CE_T + 0.5 * (REV[0] + FWD[1]) / 2
+    got = bdkd_teacher_loss(TEACHER, STUDENT, TARGETS, teacher_weight=0.5, teacher_balance=True)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    w_r = [sigmoid(g / 0.5) for g in GAP]
+    soft = CE_T + sum((1 - w_r[i]) * 2.0 * FWD[i] + w_r[i] * REV[i] for i in range(2)) / 2
+    got = bdkd_teacher_loss(TEACHER, STUDENT, TARGETS, teacher_balance=True, balance="soft", forward_weight=2.0,
+                            kappa=0.5)  # fmt: skip
+    assert got.item() == pytest.approx(soft, abs=1e-6)
+
+
+def test_balanced_teacher_loss_trains_the_teacher_only():
+    s = torch.randn(3, 4).requires_grad_()
+    t = torch.randn(3, 4).requires_grad_()
+    bdkd_teacher_loss(t, s, torch.tensor([0, 1, 2]), teacher_balance=True, balance="soft").backward()
+    assert s.grad is None and t.grad is not None
 
 
 def test_teacher_loss_temperature_scale():
@@ -150,13 +169,16 @@ def test_reduces_to_dml_when_the_student_is_always_more_confident():
     y = torch.randint(0, 6, (5,), generator=g)
     assert (entropy_gap(s, t) < 0).all()
     assert bdkd_student_loss(s, t, y).item() == pytest.approx(dml_loss(s, t, y).item(), rel=1e-6)
-    forward = bdkd_teacher_loss(t, s, y, teacher_divergence="forward")
-    assert forward.item() == pytest.approx(dml_loss(t, s, y).item(), rel=1e-6)
+    reverse = bdkd_teacher_loss(t, s, y, teacher_divergence="reverse")  # KL(p_s || p_t) into the teacher
+    assert reverse.item() == pytest.approx(dml_loss(t, s, y).item(), rel=1e-6)
 
 
 def test_hparams_defaults_and_validation():
     hp = build_hparams("bdkd", {}, "bdkd")
-    assert (hp.temperature, hp.balance, hp.teacher_divergence, hp.teacher_weight) == (1.0, "hard", "reverse", 1.0)
+    assert (hp.temperature, hp.balance, hp.teacher_divergence, hp.teacher_weight) == (1.0, "hard", "forward", 1.0)
+    assert hp.teacher_balance is False
+    with pytest.raises(BenchError, match="teacher_divergence"):
+        build_hparams("bdkd", {"teacher_balance": True, "teacher_divergence": "none"}, "bdkd")
     with pytest.raises(BenchError, match="balance"):
         build_hparams("bdkd", {"balance": "medium"}, "bdkd")
     with pytest.raises(BenchError, match="teacher_divergence"):

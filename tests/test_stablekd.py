@@ -221,6 +221,64 @@ def test_bridges_only_where_shapes_differ_and_counted_as_extra_parameters():
     assert separate.extra_parameters() == 2 * (64 * 32) + 2 * 32 + 2 * 64
 
 
+def _fit_blocks(teacher: str, student: str, hparams: dict, steps: int = 60) -> dict[str, float]:
+    """Decomposed phase, one fixed batch, random nets: Adam on the student only (each block by its own loss,
+    the bridges fixed so that every target stays put); each block's feature loss as a fraction of its start."""
+    m = make(teacher, student, hparams, epochs=3, shape=(3, 8, 8), classes=100)
+    x, y = batch((3, 8, 8), n=4, classes=100)
+    m.train()
+    m.on_epoch_start(0)
+    with torch.no_grad():
+        cached = m.teacher.forward_features(x, preact=m.hp.teacher_feature == "preact")
+    m.teacher_features = lambda _x, preact=False: cached  # the frozen teacher's pass, once
+    optimizer = torch.optim.Adam(m.student.parameters(), lr=1e-2)
+    first: dict[str, float] = {}
+    for _ in range(steps + 1):
+        feats = {k: v for k, v in m.forward_train(x, y)[1].items() if k.startswith("feat")}
+        first = first or {k: v.item() for k, v in feats.items()}
+        optimizer.zero_grad()
+        sum(feats.values()).backward()
+        optimizer.step()
+    return {k: feats[k].item() / first[k] for k in first}
+
+
+@pytest.mark.parametrize("teacher,student", [("resnet50", "vgg8"), ("resnet32x4", "shufflev1")])
+def test_every_block_target_is_reachable(teacher, student):
+    """Where a bridge (1x1 conv + BN: half its output negative) meets a post-ReLU student stage, the default
+    compares the student's pre-activation: every block's feature loss falls below 5 % of its start."""
+    ratios = _fit_blocks(teacher, student, {})
+    assert len(ratios) == 4 if student == "vgg8" else 3
+    assert all(r < 0.05 for r in ratios.values()), ratios
+
+
+def test_post_relu_output_cannot_reach_a_bridged_target():
+    """The earlier reading (``student_feature: output``) stalls near the target's negative energy."""
+    ratios = _fit_blocks("resnet50", "vgg8", {"student_feature": "output"})
+    assert all(r > 0.2 for r in ratios.values()), ratios
+
+
+def test_preact_reading_feeds_the_next_block_the_students_activation_of_the_bridged_target():
+    m = make("resnet50", "vgg8", epochs=3, shape=(3, 8, 8), classes=100)
+    assert m.preact_cuts == {0, 1, 2, 3}  # every cut is bridged (widths differ)
+    same = make("resnet20", "resnet8")  # identity bridges: the target is the teacher's own post-ReLU output
+    assert same.preact_cuts == set()
+    wrn = make("wrn_16_2", "wrn_16_1")  # WRN stage outputs are raw (signed): compared as they are
+    assert wrn.preact_cuts == set()
+    assert make("resnet20", "resnet8", {"teacher_feature": "preact"}).preact_cuts == {0, 1, 2}
+    x, y = batch((3, 8, 8), n=4, classes=100)
+    m.train()
+    m.on_epoch_start(0)
+    _, losses = m.forward_train(x, y)
+    with torch.no_grad():
+        bridged0 = m.input_adapters["0"](m.teacher.forward_features(x).stages[0])
+        bridged1 = m.input_adapters["1"](m.teacher.forward_features(x).stages[1])
+        _, pre0 = m.student.forward_stage_preact(0, m.student.forward_stem(x))
+        _, pre1 = m.student.forward_stage_preact(1, F.relu(bridged0))  # block 1 reads ReLU(bridged target 0)
+    assert (bridged0 < 0).any()
+    assert losses["feat_b0"].item() == pytest.approx(F.mse_loss(pre0, bridged0).item(), rel=1e-5)
+    assert losses["feat_b1"].item() == pytest.approx(F.mse_loss(pre1, bridged1).item(), rel=1e-5)
+
+
 def test_pairs_with_different_stage_counts_are_rejected():
     with pytest.raises(BenchError, match="stages"):
         make("vgg8", "resnet8", shape=(3, 32, 32), classes=100)

@@ -155,3 +155,33 @@ def test_references_carry_their_provenance_from_the_suite_or_their_own(tmp_path)
 def test_bad_references_name_the_field(tmp_path, change, message):
     with pytest.raises(BenchError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_suite(write(tmp_path, {**GOOD, **change}))
+
+
+def test_a_method_entry_recipe_overrides_the_pair_and_the_suite_recipe(tmp_path):
+    """The protocol behind a method's reference numbers (e.g. DKD's batch 512 / lr 0.2 on ImageNet): applied on top
+    of the pair's overrides, only to that column, and part of its runs' hash."""
+    data = {
+        **GOOD,
+        "pairs": [{"teacher": "resnet20", "student": "resnet8", "recipe": {"lr": 0.01, "batch_size": 32}}],
+        "methods": ["ce", {"name": "kd", "label": "kd", "recipe": {"lr": 0.2, "nesterov": True}}],
+    }
+    specs = expand(load_suite(write(tmp_path, data)))
+    kd = [s.recipe for s in specs if s.label == "kd"]
+    ce = [s.recipe for s in specs if s.label == "ce"]
+    assert {(r.lr, r.batch_size, r.nesterov, r.epochs) for r in kd} == {(0.2, 32, True, 3)}
+    assert {(r.lr, r.batch_size, r.nesterov) for r in ce} == {(0.01, 32, False)}
+    plain = expand(load_suite(write(tmp_path, {**data, "methods": ["ce", "kd"]})))
+    assert {s.hash for s in specs if s.label == "kd"}.isdisjoint(s.hash for s in plain if s.label == "kd")
+    assert [s.hash for s in specs if s.label == "ce"] == [s.hash for s in plain if s.label == "ce"]
+    assert [s for s in specs if s.label == "kd"][0].params()["recipe.lr"] == 0.2
+
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [({"lr": -1}, r"methods\[1\].recipe.lr: must be > 0"), ({"speed": 2}, r"methods\[1\].recipe: unknown key 'speed'"),
+     ([1], r"methods\[1\].recipe: expected a mapping"), ({"milestones": [5]}, r"methods\[1\].recipe.milestones")],
+)  # fmt: skip
+def test_bad_method_recipes_name_the_field(tmp_path, recipe, message):
+    data = {**GOOD, "methods": ["ce", {"name": "kd", "recipe": recipe}]}
+    with pytest.raises(BenchError, match=message):
+        load_suite(write(tmp_path, data))

@@ -4,7 +4,9 @@
 listed in ``TV_RESNETS``) builds the torchvision model and adopts its modules under their own names, so
 ``state_dict()`` keys are exactly torchvision's (``conv1, bn1, relu, maxpool, layer1..4, avgpool, fc``) and
 torchvision / torch-hub checkpoints load unchanged. Stages: stem = ``conv1 -> bn1 -> relu -> maxpool``, stages =
-``layer1..layer4``, head = ``avgpool -> flatten`` (feature) then ``fc``.
+``layer1..layer4``, head = ``avgpool -> flatten`` (feature) then ``fc``. Pre-activation of a stage: its last
+block's residual sum before the final ReLU (what the official ReviewKD ImageNet code and mdistiller's
+``preact_feats`` take).
 
 Options: ``pretrained=True`` loads torchvision's ``IMAGENET1K_V1`` weights through the torch hub cache
 (``$TORCH_HOME/hub/checkpoints``); when ``num_classes != 1000`` the ``fc`` is replaced by a freshly initialised
@@ -14,13 +16,15 @@ one, and when ``in_channels != 3`` the pretrained ``conv1`` kernels are summed (
 ``mobilenetv1`` is mdistiller's ``models/imagenet/mobilenetv1.py`` (``model`` = Sequential of a stride-2 conv-bn
 and 13 depthwise-separable blocks, then pooling; ``fc``). Stages follow mdistiller's ``feats``: stem =
 ``model[0]`` (32 ch, stride 2); stages = ``model[1:4]`` (128, stride 4), ``model[4:6]`` (256, stride 8),
-``model[6:12]`` (512, stride 16), ``model[12:14]`` (1024, stride 32) (post-ReLU outputs); head =
+``model[6:12]`` (512, stride 16), ``model[12:14]`` (1024, stride 32) (post-ReLU outputs; the pre-activation
+output is the last block's BatchNorm output before its ReLU, mdistiller's ``preact_feats``); head =
 ``model[14] -> flatten`` (feature, 1024) then ``fc``. Deviations from mdistiller: ``model[14]`` is
 ``AdaptiveAvgPool2d(1)`` instead of ``AvgPool2d(7)`` (same on 224x224, no parameters, keys unchanged), and
 ``fc`` has ``num_classes`` outputs instead of a hard-coded 1000.
 """
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.errors import BenchError
@@ -88,11 +92,28 @@ class TorchvisionResNet(StagedNet):
     def forward_stage(self, index: int, x: Tensor) -> Tensor:
         return (self.layer1, self.layer2, self.layer3, self.layer4)[index](x)
 
+    def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        layer = (self.layer1, self.layer2, self.layer3, self.layer4)[index]
+        for block in layer[:-1]:
+            x = block(x)
+        preact = _tv_block_preact(layer[-1], x)
+        return F.relu(preact), preact
+
     def forward_pool(self, x: Tensor) -> Tensor:
         return self.avgpool(x).flatten(1)
 
     def forward_classifier(self, feature: Tensor) -> Tensor:
         return self.fc(feature)
+
+
+def _tv_block_preact(block: nn.Module, x: Tensor) -> Tensor:
+    """A torchvision ``BasicBlock`` / ``Bottleneck`` up to its final ReLU: ``bn_last(conv_last(.)) + identity``."""
+    identity = x if block.downsample is None else block.downsample(x)
+    out = block.relu(block.bn1(block.conv1(x)))
+    if hasattr(block, "bn3"):  # Bottleneck
+        out = block.relu(block.bn2(block.conv2(out)))
+        return block.bn3(block.conv3(out)) + identity
+    return block.bn2(block.conv2(out)) + identity
 
 
 def _load_tv_weights(name: str, weights) -> dict:
@@ -182,6 +203,13 @@ class MobileNetV1(StagedNet):
         for block in self.model[start:end]:
             x = block(x)
         return x
+
+    def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        start, end = self._STAGES[index]
+        for block in self.model[start : end - 1]:
+            x = block(x)
+        preact = self.model[end - 1][:-1](x)  # the last block without its final ReLU
+        return F.relu(preact), preact
 
     def forward_pool(self, x: Tensor) -> Tensor:
         return self.model[14](x).flatten(1)

@@ -22,6 +22,12 @@ Generic stage split, from timm's ``feature_info`` (the module names of the featu
   (tokens ``(B, N, C)`` for a ViT), and ``stage_channels = [model.num_features]``.
 
 ``net.split`` says which of the two happened (``"stages"`` or ``"single"``).
+
+Pre-activation stage outputs: the planning pass also records, per stage, the module that produced the stage
+output when that is one of torch's activation modules (``nn.ReLU``, ``nn.SiLU``, ..., the ``act3`` of a timm
+ResNet stage's last block); ``forward_stage_preact`` then takes that module's input through a pre-hook that
+exists only for that call. A stage that does not end with such a module (EfficientNet, ConvNeXt, the single
+stage) has its output as its pre-activation, and ``activate`` is the identity there.
 """
 from __future__ import annotations
 
@@ -33,6 +39,9 @@ from bench.models.base import StagedNet
 from bench.models.registry import register_prefix
 
 _CHECK_SIZES = (64,)  # tried before the model's own default input size; small keeps construction cheap
+# Modules that count as a stage's final activation (its input is the stage's pre-activation output).
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+               nn.Hardswish)  # fmt: skip
 
 
 def _units_for(model: nn.Module, targets: list[str]) -> list[str] | None:
@@ -61,6 +70,7 @@ class TimmStagedNet(StagedNet):
         self._stem: list[str] = []
         self._stages: list[list[str]] = []
         self._tail: list[str] = []
+        self._stage_acts: list[str | None] = [None]  # per stage: the module whose input is its pre-activation
         self.stage_channels = [int(model.num_features)]
         self.feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
 
@@ -110,10 +120,12 @@ class TimmStagedNet(StagedNet):
             return
         stem = units[: ends[0]]
         stages = [[units[ends[0]]]] + [units[a + 1 : b + 1] for a, b in zip(ends, ends[1:])]
+        acts: list[str | None] = []
         try:
             y = self._run(stem, x)
             for names, level in zip(stages, levels):
-                y = self._run(names, y)
+                y, act = self._run_recording_last(names, y)
+                acts.append(act)
                 if y.dim() != 4 or y.shape[1] != level["num_chs"]:
                     return
             # The units after the last stage that forward_features still runs: the shortest prefix that
@@ -135,13 +147,28 @@ class TimmStagedNet(StagedNet):
             if getattr(first, "inplace", False):
                 first.inplace = False
         self.split = "stages"
-        self._stem, self._stages, self._tail = stem, stages, tail
+        self._stem, self._stages, self._tail, self._stage_acts = stem, stages, tail, acts
         self.stage_channels = [int(level["num_chs"]) for level in levels]
 
     def _run(self, names: list[str], x: Tensor) -> Tensor:
         for name in names:
             x = self.model.get_submodule(name)(x)
         return x
+
+    def _run_recording_last(self, names: list[str], x: Tensor) -> tuple[Tensor, str | None]:
+        """Run the units; also the name of the leaf module that returned the output, if it is an activation."""
+        calls: list[tuple[str, Tensor]] = []
+        leaves = [(n, m) for unit in names for n, m in self.model.get_submodule(unit).named_modules(prefix=unit)
+                  if not any(True for _ in m.children())]  # fmt: skip
+        handles = [m.register_forward_hook(lambda _m, _a, out, n=n: calls.append((n, out))) for n, m in leaves]
+        try:
+            y = self._run(names, x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if calls and calls[-1][1] is y and isinstance(self.model.get_submodule(calls[-1][0]), ACTIVATIONS):
+            return y, calls[-1][0]
+        return y, None
 
     # -- StagedNet ------------------------------------------------------------------------------------------
 
@@ -154,6 +181,30 @@ class TimmStagedNet(StagedNet):
         if index != 0:
             raise IndexError(f"timm model {self.timm_name!r} is exposed as a single stage")
         return self.model.forward_features(x)
+
+    def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        name = self._stage_acts[index]
+        if name is None:
+            out = self.forward_stage(index, x)
+            return out, out
+        inputs: list[Tensor] = []
+
+        def grab(module: nn.Module, args: tuple) -> None:  # the last call is the stage's final activation
+            inputs.append(args[0].clone() if getattr(module, "inplace", False) else args[0])
+
+        handle = self.model.get_submodule(name).register_forward_pre_hook(grab)
+        try:
+            out = self.forward_stage(index, x)
+        finally:
+            handle.remove()
+        return out, inputs[-1]
+
+    def activate(self, index: int, preact: Tensor) -> Tensor:
+        name = self._stage_acts[index]
+        if name is None:
+            return preact
+        act = self.model.get_submodule(name)
+        return act(preact.clone() if getattr(act, "inplace", False) else preact)
 
     def forward_pool(self, x: Tensor) -> Tensor:
         if self.split == "stages":

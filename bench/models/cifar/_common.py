@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from torch import nn
+from torch import Tensor, nn
 
 from bench.errors import BenchError
 
@@ -38,3 +38,10 @@ def init_kaiming_fan_out(model: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.constant_(m.weight, 1)
             nn.init.constant_(m.bias, 0)
+
+
+def run_blocks_preact(blocks: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Run a stage's blocks; the last one through its ``forward_preact``: (stage output, its pre-activation)."""
+    for block in blocks[:-1]:
+        x = block(x)
+    return blocks[-1].forward_preact(x)

@@ -9,7 +9,9 @@ InvertedResidual (``blocks.<i>.<j>.conv.0..7``; settings t,c,n,s = [1,16,1,1], [
 
 Stages (CRD's ``f1..f4``): stem = ``conv1`` (16 ch, stride 2); stages = ``blocks[0:2]`` (12 ch),
 ``blocks[2]`` (16), ``blocks[3:5]`` (48), ``blocks[5:7]`` (160). Head: ``conv2 -> avgpool -> flatten`` (feature,
-1280) then ``classifier``.
+1280) then ``classifier``. A stage ends with a linear bottleneck (no ReLU), so its pre-activation output is the
+stage output itself: CRD's ``forward`` returns the same list with ``preact=True`` (mdistiller has no
+``preact_feats`` for it).
 
 Deviation: ``avgpool`` is ``AdaptiveAvgPool2d(1)`` instead of ``AvgPool2d(2, ceil_mode=True)`` (same on 32x32
 inputs, where the last map is 2x2); CRD's constructor ``print`` is dropped.
@@ -100,6 +102,13 @@ class MobileNetV2(StagedNet):
         for block in self.blocks[start:end]:
             x = block(x)
         return x
+
+    def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.forward_stage(index, x)
+        return out, out
+
+    def activate(self, index: int, preact: Tensor) -> Tensor:
+        return preact
 
     def forward_pool(self, x: Tensor) -> Tensor:
         return self.avgpool(self.conv2(x)).flatten(1)

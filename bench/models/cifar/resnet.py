@@ -6,11 +6,12 @@ global average pooling, ``fc``. Module names follow CRD: ``conv1, bn1, relu, lay
 ``conv1, bn1, relu, conv2, bn2, downsample`` (``downsample`` = 1x1 conv + BN where shape changes).
 
 Stages: stem = ``conv1 -> bn1 -> relu``; stages = ``layer1, layer2, layer3`` (post-ReLU block outputs, the
-``f1..f3`` of CRD's ``is_feat`` list); head = ``avgpool -> flatten`` (feature) then ``fc``.
+``f1..f3`` of CRD's ``is_feat`` list); head = ``avgpool -> flatten`` (feature) then ``fc``. Pre-activation of a
+stage (CRD's ``preact=True`` ``f1..f3``): its last block's ``bn2(conv2(.)) + shortcut`` before the ReLU.
 
 Deviation: ``avgpool`` is ``AdaptiveAvgPool2d(1)`` instead of ``AvgPool2d(8)`` (same result on 32x32 inputs,
-and 8x8 inputs work). CRD's unused bottleneck option and the ``(out, preact)`` return of the last block are
-not reproduced; the block returns only its post-ReLU output.
+and 8x8 inputs work). CRD's unused bottleneck option is not reproduced; CRD's ``is_last`` flag (the last block
+of a layer returns ``(out, preact)``) is the block's ``forward_preact``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models.base import StagedNet
-from bench.models.cifar._common import init_kaiming_fan_out, reject_options
+from bench.models.cifar._common import init_kaiming_fan_out, reject_options, run_blocks_preact
 from bench.models.registry import register_model
 
 
@@ -39,11 +40,16 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(output, pre-activation): the residual sum before and after the final ReLU."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)  # never in place: ``x`` may be a stored stage output
+        preact = out + shortcut
+        return F.relu(preact), preact  # never in place: ``x`` may be a stored stage output
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_preact(x)[0]
 
 
 class CifarResNet(StagedNet):
@@ -85,6 +91,9 @@ class CifarResNet(StagedNet):
 
     def forward_stage(self, index: int, x: Tensor) -> Tensor:
         return (self.layer1, self.layer2, self.layer3)[index](x)
+
+    def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        return run_blocks_preact((self.layer1, self.layer2, self.layer3)[index], x)
 
     def forward_pool(self, x: Tensor) -> Tensor:
         return self.avgpool(x).flatten(1)

@@ -6,7 +6,8 @@ Layout: 3x3 stride-1 ``conv1`` to 64 (no max-pool), ``bn1``, ``layer1..4`` of Bo
 empty Sequential or 1x1 conv + BN: keys ``shortcut.0/1``), ``avgpool``, ``linear``.
 
 Stages (CRD's ``f1..f4``): stem = ``relu(bn1(conv1(x)))`` (64 ch); stages = ``layer1..layer4``
-(256, 512, 1024, 2048). Head: ``avgpool -> flatten`` (feature, 2048) then ``linear``.
+(256, 512, 1024, 2048). Head: ``avgpool -> flatten`` (feature, 2048) then ``linear``. Pre-activation of a stage
+(CRD's ``preact=True`` list): its last Bottleneck's residual sum before the ReLU.
 
 No deviation: CRD already uses ``AdaptiveAvgPool2d``. Option: ``zero_init_residual`` (CRD default False).
 """
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models.base import StagedNet
-from bench.models.cifar._common import init_kaiming_fan_out, reject_options
+from bench.models.cifar._common import init_kaiming_fan_out, reject_options, run_blocks_preact
 from bench.models.registry import register_model
 
 
@@ -38,11 +39,16 @@ class Bottleneck(nn.Module):
                 nn.Conv2d(in_planes, out, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out)
             )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(output, pre-activation): the residual sum before and after the final ReLU (CRD's ``is_last``)."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        preact = out + self.shortcut(x)
+        return F.relu(preact), preact
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_preact(x)[0]
 
 
 class ResNetV2(StagedNet):
@@ -86,6 +92,9 @@ class ResNetV2(StagedNet):
 
     def forward_stage(self, index: int, x: Tensor) -> Tensor:
         return (self.layer1, self.layer2, self.layer3, self.layer4)[index](x)
+
+    def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        return run_blocks_preact((self.layer1, self.layer2, self.layer3, self.layer4)[index], x)
 
     def forward_pool(self, x: Tensor) -> Tensor:
         return self.avgpool(x).flatten(1)

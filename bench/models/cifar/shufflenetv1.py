@@ -6,7 +6,8 @@ Layout: ``conv1`` (1x1 conv to 24, no stride), ``bn1``, ``layer1..3`` of Bottlen
 block of each layer has stride 2 and concatenates an avg-pooled shortcut), ``linear``.
 
 Stages (CRD's ``f1..f3``): stem = ``relu(bn1(conv1(x)))`` (24 ch); stages = ``layer1, layer2, layer3``
-(240, 480, 960; strides 2, 2, 2). Head: ``avgpool -> flatten`` (feature, 960) then ``linear``.
+(240, 480, 960; strides 2, 2, 2). Head: ``avgpool -> flatten`` (feature, 960) then ``linear``. Pre-activation of
+a stage (CRD's ``preact=True`` list): its last block's residual sum before the ReLU.
 
 Deviation: ``F.avg_pool2d(out, 4)`` becomes a parameter-free ``avgpool = AdaptiveAvgPool2d(1)`` module (same on
 32x32 inputs, where the last map is 4x4).
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models.base import StagedNet
-from bench.models.cifar._common import reject_options
+from bench.models.cifar._common import reject_options, run_blocks_preact
 from bench.models.registry import register_model
 
 
@@ -52,14 +53,18 @@ class Bottleneck(nn.Module):
         if stride == 2:
             self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(output, pre-activation): the concatenation / residual sum before the final ReLU (CRD's ``is_last``)."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.shuffle1(out)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
-        out = torch.cat([out, res], 1) if self.stride == 2 else out + res
-        return F.relu(out)
+        preact = torch.cat([out, res], 1) if self.stride == 2 else out + res
+        return F.relu(preact), preact
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_preact(x)[0]
 
 
 class ShuffleNetV1(StagedNet):
@@ -99,6 +104,9 @@ class ShuffleNetV1(StagedNet):
 
     def forward_stage(self, index: int, x: Tensor) -> Tensor:
         return (self.layer1, self.layer2, self.layer3)[index](x)
+
+    def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        return run_blocks_preact((self.layer1, self.layer2, self.layer3)[index], x)
 
     def forward_pool(self, x: Tensor) -> Tensor:
         return self.avgpool(x).flatten(1)

@@ -8,6 +8,9 @@ Layout: ``conv1`` (1x1 conv to 24, no stride), ``bn1``, ``layer1..3`` (each a st
 Stages (CRD's ``f1..f3``): stem = ``relu(bn1(conv1(x)))`` (24 ch); stages = ``layer1, layer2, layer3``
 (116, 232, 464; strides 2, 2, 2). Head: ``relu(bn2(conv2(x))) -> avgpool -> flatten`` (feature, 1024) then
 ``linear`` -- the final 1x1 conv belongs to the head, as the last stage output is CRD's ``f3`` (464 ch).
+Pre-activation of a stage (CRD's ``preact=True`` list): its last block's ``cat([x1, bn3(conv3(.))])`` before
+the ReLU **and before the channel shuffle**, exactly as CRD / mdistiller return it; so the stage output is
+``shuffle(relu(preact))``, a channel permutation of ``relu(preact)``.
 
 Deviation: ``F.avg_pool2d(out, 4)`` becomes a parameter-free ``avgpool = AdaptiveAvgPool2d(1)`` module (same on
 32x32 inputs).
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models.base import StagedNet
-from bench.models.cifar._common import reject_options
+from bench.models.cifar._common import reject_options, run_blocks_preact
 from bench.models.registry import register_model
 
 CONFIGS = {
@@ -66,12 +69,22 @@ class BasicBlock(nn.Module):
         self.bn3 = nn.BatchNorm2d(ch)
         self.shuffle = ShuffleBlock()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x1, x2 = self.split(x)
+    def _branch(self, x2: Tensor) -> Tensor:
+        """The convolutional branch up to its last BatchNorm (before its ReLU)."""
         out = F.relu(self.bn1(self.conv1(x2)))
         out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return self.shuffle(torch.cat([x1, out], 1))
+        return self.bn3(self.conv3(out))
+
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(output, pre-activation) as CRD's ``is_last`` block: the pre-activation is ``cat([x1, branch])``
+        *before* the channel shuffle, so the output is ``shuffle(relu(preact))`` (``x1`` is non-negative)."""
+        x1, x2 = self.split(x)
+        branch = self._branch(x2)
+        return self.shuffle(torch.cat([x1, F.relu(branch)], 1)), torch.cat([x1, branch], 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = self.split(x)
+        return self.shuffle(torch.cat([x1, F.relu(self._branch(x2))], 1))
 
 
 class DownBlock(nn.Module):
@@ -130,6 +143,12 @@ class ShuffleNetV2(StagedNet):
 
     def forward_stage(self, index: int, x: Tensor) -> Tensor:
         return (self.layer1, self.layer2, self.layer3)[index](x)
+
+    def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        return run_blocks_preact((self.layer1, self.layer2, self.layer3)[index], x)
+
+    def activate(self, index: int, preact: Tensor) -> Tensor:
+        return self.layer1[-1].shuffle(F.relu(preact))  # every block shuffles with 2 groups
 
     def forward_pool(self, x: Tensor) -> Tensor:
         return self.avgpool(F.relu(self.bn2(self.conv2(x)))).flatten(1)

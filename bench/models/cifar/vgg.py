@@ -7,7 +7,8 @@ ReLU, which CRD applies in ``forward``), max-pools ``pool0..pool3``, ``pool4 = A
 
 Stages: stem = ``block0 -> relu`` (64 ch); stages = ``pool0 -> block1 -> relu`` (128), ``pool1 -> block2 -> relu``
 (256), ``pool2 -> block3 -> relu`` (512), ``[pool3] -> block4 -> relu`` (512): the post-ReLU ``f1..f4`` of CRD's
-``is_feat`` list. Head: ``pool4 -> flatten`` (feature, 512) then ``classifier``.
+``is_feat`` list. Head: ``pool4 -> flatten`` (feature, 512) then ``classifier``. Pre-activation of a stage: the
+block's output before that ReLU (CRD's ``f1_pre..f4_pre``).
 
 CRD applies ``pool3`` only when the network input is 64x64 (Tiny-ImageNet); a 32x32 input runs ``block4`` at
 4x4. A stage cannot see the network input, so here ``pool3`` runs when the input of stage 3 is 8x8, which is
@@ -67,7 +68,7 @@ class VGG(StagedNet):
     def forward_stem(self, x: Tensor) -> Tensor:
         return F.relu(self.block0(x))
 
-    def forward_stage(self, index: int, x: Tensor) -> Tensor:
+    def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
         if index == 0:
             x = self.block1(self.pool0(x))
         elif index == 1:
@@ -80,7 +81,10 @@ class VGG(StagedNet):
             x = self.block4(x)
         else:
             raise IndexError(f"VGG has 4 stages, got stage {index}")
-        return F.relu(x)
+        return F.relu(x), x
+
+    def forward_stage(self, index: int, x: Tensor) -> Tensor:
+        return self.forward_stage_preact(index, x)[0]
 
     def forward_pool(self, x: Tensor) -> Tensor:
         return self.pool4(x).flatten(1)

@@ -9,6 +9,12 @@ Stages: stem = ``conv1``; stages = ``block1, block2, block3`` (their raw, pre-ac
 ``f1..f3`` of CRD's ``is_feat`` list). The final ``bn1 -> relu`` belongs to the head: ``forward_pool`` =
 ``bn1 -> relu -> avgpool -> flatten``, so ``stage_channels = [16k, 32k, 64k]`` and ``feature_dim = 64k``.
 
+Pre-activation stage outputs (CRD's ``preact=True`` list): ``block2.layer[0].bn1(f1)``, ``block3.layer[0].bn1(f2)``
+and ``bn1(f3)``, i.e. the BatchNorm that next normalises each raw stage output. ``forward_features(x,
+preact=True)`` takes them from the pass itself (the next block is handed its first BatchNorm's output instead of
+recomputing it), so each BatchNorm still runs once per pass, and in training mode updates its running statistics
+once, where CRD's ``forward`` applies them a second time.
+
 Deviation: ``F.avg_pool2d(out, 8)`` becomes a parameter-free ``avgpool = AdaptiveAvgPool2d(1)`` module (same
 result on 32x32 inputs; 8x8 inputs work). ``drop_rate`` (CRD ``dropRate``, default 0) is the only option.
 """
@@ -19,7 +25,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.models.base import StagedNet
+from bench.models.base import Features, StagedNet
 from bench.models.cifar._common import reject_options
 from bench.models.registry import register_model
 
@@ -41,8 +47,9 @@ class BasicBlock(nn.Module):
             else nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False)
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        act = self.relu1(self.bn1(x))
+    def forward(self, x: Tensor, normed: Tensor | None = None) -> Tensor:
+        """``normed``: ``bn1(x)`` when the caller has computed it already (kept: its ReLU is not in place)."""
+        act = self.relu1(self.bn1(x)) if normed is None else F.relu(normed)
         # CRD: identity shortcut takes the raw input, the projection shortcut the pre-activated one.
         shortcut = x if self.convShortcut is None else self.convShortcut(act)
         out = self.relu2(self.bn2(self.conv1(act)))
@@ -61,11 +68,17 @@ class NetworkBlock(nn.Module):
             ]
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layer(x)
+    def forward(self, x: Tensor, normed: Tensor | None = None) -> Tensor:
+        """``normed``: the first block's ``bn1(x)``, if already computed."""
+        x = self.layer[0](x, normed)
+        for block in self.layer[1:]:
+            x = block(x)
+        return x
 
 
 class WideResNet(StagedNet):
+    local_preact = False  # a stage's pre-activation is the next block's BatchNorm (module docstring)
+
     def __init__(
         self, depth: int, widen_factor: int, num_classes: int = 100, in_channels: int = 3, drop_rate: float = 0.0
     ):
@@ -106,6 +119,21 @@ class WideResNet(StagedNet):
 
     def forward_pool(self, x: Tensor) -> Tensor:
         return self.avgpool(self.relu(self.bn1(x))).flatten(1)
+
+    def forward_features(self, x: Tensor, preact: bool = False) -> Features:
+        if not preact:
+            return super().forward_features(x)
+        blocks = (self.block1, self.block2, self.block3)
+        norms = (self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1)  # what normalises each output
+        x, normed = self.forward_stem(x), None
+        stages, preacts = [], []
+        for block, norm in zip(blocks, norms):
+            x = block(x, normed)
+            normed = norm(x)
+            stages.append(x)
+            preacts.append(normed)
+        feature = self.avgpool(F.relu(normed)).flatten(1)  # = forward_pool(x), sharing bn1(x)
+        return Features(stages=stages, feature=feature, logits=self.fc(feature), preact_stages=preacts)
 
     def forward_classifier(self, feature: Tensor) -> Tensor:
         return self.fc(feature)
