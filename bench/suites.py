@@ -15,6 +15,15 @@ Example (``suites/mini.yaml``)::
     seeds: [0, 1, 2]
     recipe: {epochs: 20, lr: 0.05, milestones: [12, 16]}
     target_top1: 90
+
+A method entry may compose logit modifiers and a trainer onto a method (:mod:`methods.modifiers`), each by
+name or as ``{name: {hyperparameter: value}}``; the label defaults to the composed name (``kd+ls``,
+``dkd+ls+ctkd``, ``kd+dot``)::
+
+    methods:
+      - kd: {temperature: 2, kd_weight: 9, modifiers: [ls]}
+      - dkd: {modifiers: [ls, {ctkd: {curriculum_epochs: 5}}]}
+      - {name: kd, label: kd-dot, hparams: {temperature: 4}, trainer: {dot: {delta: 0.09}}}
 """
 from __future__ import annotations
 
@@ -36,7 +45,8 @@ SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 
 @dataclass
 class MethodEntry:
-    """One column of the table: a registered method, its label and hyperparameter overrides."""
+    """One column of the table: a method (a registered one, or one composed with modifiers and a trainer:
+    ``dkd+ls+ctkd``), its label and hyperparameter overrides (a modifier's under its name)."""
 
     name: str
     label: str
@@ -188,11 +198,32 @@ class RunSpec:
             "seed": self.seed,
             "target_top1": self.target_top1,
         }
-        flat.update({f"hp.{k}": v for k, v in self.hparams.items()})
+        flat.update(_flatten("hp", self.hparams))
         flat.update({f"recipe.{k}": v for k, v in to_dict(self.recipe).items()})
+        from methods import split_name
+
+        _, modifiers, trainer = split_name(self.method)
+        if modifiers:
+            flat["modifiers"] = ",".join(modifiers)
+        if trainer:
+            flat["trainer"] = trainer
         if self.teacher_spec is not None:
             flat["teacher_hash"] = self.teacher_spec.hash
         return flat
+
+
+def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``{"a": 1, "ctkd": {"b": 2}}`` → ``{"<prefix>.a": 1, "<prefix>.ctkd.b": 2}`` (a modifier's hyperparameters)."""
+    out = {}
+    for k, v in values.items():
+        out.update(_flatten(f"{prefix}.{k}", v) if isinstance(v, dict) else {f"{prefix}.{k}": v})
+    return out
+
+
+def merge_hparams(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``; a modifier's mapping is merged key by key, not replaced."""
+    return {**base, **{k: {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in override.items()}}  # fmt: skip
 
 
 def content_hash(data: Any) -> str:
@@ -219,6 +250,42 @@ def list_suites() -> list[str]:
     return sorted(p.stem for p in SUITES_DIR.glob("*.yaml") if p.stem not in NOT_SUITES)
 
 
+COMPOSITION_KEYS = ("modifiers", "trainer")  # beside a method's hyperparameters in a suite entry
+
+
+def _named(item: Any, what: str, where: str) -> tuple[str, dict[str, Any]]:
+    """A modifier / trainer given as ``name`` or ``{name: {hyperparameter: value}}``."""
+    if isinstance(item, str):
+        return item, {}
+    if isinstance(item, dict) and len(item) == 1:
+        ((name, values),) = item.items()
+        if isinstance(name, str) and (values is None or isinstance(values, dict)):
+            return name, dict(values or {})
+    raise BenchError(f"{where}: expected a {what} name or {{{what}: {{hyperparameter: value}}}}, got {item!r}")
+
+
+def _compose(name: str, composition: dict[str, Any], hparams: dict[str, Any], where: str) -> tuple[str, dict]:
+    """The composed method name (``kd+ls+dot``) and the hyperparameters with each modifier's under its name."""
+    from methods import compose_name
+    from methods.modifiers.base import get_modifier, get_trainer
+
+    raw = composition.get("modifiers") or []
+    if not isinstance(raw, list):
+        raise BenchError(f"{where}.modifiers: expected a list, got {raw!r}")
+    modifiers = [_named(m, "modifier", f"{where}.modifiers[{i}]") for i, m in enumerate(raw)]
+    trainer = composition.get("trainer")
+    trainer = _named(trainer, "trainer", f"{where}.trainer") if trainer is not None else None
+    for key, (part, _), check in [*(("modifiers", m, get_modifier) for m in modifiers),
+                                  *([("trainer", trainer, get_trainer)] if trainer else [])]:  # fmt: skip
+        try:
+            check(part)
+        except BenchError as err:
+            raise BenchError(f"{where}.{key}: {err}") from None
+    parts = modifiers + ([trainer] if trainer else [])
+    composed = compose_name(name, [m for m, _ in modifiers], trainer[0] if trainer else None)
+    return composed, {**hparams, **{part: values for part, values in parts}}
+
+
 def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
     from methods import build_hparams, get_method
 
@@ -227,29 +294,38 @@ def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
     entries = []
     for i, item in enumerate(raw):
         w = f"{where}[{i}]"
+        label = None
         if isinstance(item, str):
-            name, hparams, label = item, {}, item
+            name, hparams = item, {}
         elif isinstance(item, dict) and len(item) == 1 and "name" not in item:
             ((name, hparams),) = item.items()
-            label = name
+            if hparams is not None and not isinstance(hparams, dict):
+                raise BenchError(f"{w}.{name}: expected a mapping of hyperparameters, got {hparams!r}")
+            hparams = dict(hparams or {})
+            composition = {k: hparams.pop(k) for k in COMPOSITION_KEYS if k in hparams}
         elif isinstance(item, dict) and "name" in item:
             item = dict(item)
             name = item.pop("name")
-            label = item.pop("label", name)
-            hparams = item.pop("hparams", {})
+            label = item.pop("label", None)
+            hparams = item.pop("hparams", None) or {}
+            composition = {k: item.pop(k) for k in COMPOSITION_KEYS if k in item}
             if item:
-                raise BenchError(f"{w}: unknown key {sorted(item)[0]!r} (allowed: name, label, hparams)")
+                raise BenchError(f"{w}: unknown key {sorted(item)[0]!r} (allowed: name, label, hparams, modifiers, "
+                                 "trainer)")  # fmt: skip
         else:
             raise BenchError(f"{w}: expected a method name or a mapping {{name: {{hparam: value}}}}")
         if not isinstance(name, str):
             raise BenchError(f"{w}: method name must be a string, got {name!r}")
+        if not isinstance(hparams, dict):
+            raise BenchError(f"{w}.hparams: expected a mapping, got {hparams!r}")
+        if isinstance(item, dict):
+            name, hparams = _compose(name, composition, hparams, w)
         try:
             get_method(name)
         except BenchError as err:
             raise BenchError(f"{w}: {err}") from None
-        hparams = hparams or {}
         build_hparams(name, hparams, f"{w}.{name}")  # validate now
-        entries.append(MethodEntry(name, str(label), dict(hparams)))
+        entries.append(MethodEntry(name, str(label if label is not None else name), dict(hparams)))
     labels = [e.label for e in entries]
     dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dupes:
@@ -300,7 +376,7 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
             entry = next(m for m in methods if m.label == label)
             from methods import build_hparams
 
-            build_hparams(entry.name, {**entry.hparams, **values}, f"{where}.pairs[{i}].hparams.{label}")
+            build_hparams(entry.name, merge_hparams(entry.hparams, values), f"{where}.pairs[{i}].hparams.{label}")
         for label in pair.exclude:
             if label not in labels:
                 raise BenchError(f"{where}.pairs[{i}].exclude: {label!r} is not a method label of this suite")
@@ -395,7 +471,8 @@ def expand(suite: Suite) -> list[RunSpec]:
             if entry.label in pair.exclude:
                 continue
             cls = get_method(entry.name)
-            values = {**entry.hparams, **pair.hparams.get(entry.label, {})}
+            cls.check_recipe(recipe, f"{suite.path or suite.name}: {entry.label} on {pair.label}")
+            values = merge_hparams(entry.hparams, pair.hparams.get(entry.label, {}))
             hparams = to_dict(build_hparams(entry.name, values, entry.label))
             tspec = teacher_spec(suite, pair) if cls.teacher_mode == "offline" else None
             for fraction in suite.fractions:
