@@ -294,7 +294,7 @@ def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
     entries = []
     for i, item in enumerate(raw):
         w = f"{where}[{i}]"
-        label = None
+        label, composition = None, {}
         if isinstance(item, str):
             name, hparams = item, {}
         elif isinstance(item, dict) and len(item) == 1 and "name" not in item:
@@ -318,8 +318,7 @@ def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
             raise BenchError(f"{w}: method name must be a string, got {name!r}")
         if not isinstance(hparams, dict):
             raise BenchError(f"{w}.hparams: expected a mapping, got {hparams!r}")
-        if isinstance(item, dict):
-            name, hparams = _compose(name, composition, hparams, w)
+        name, hparams = _compose(name, composition, hparams, w)
         try:
             get_method(name)
         except BenchError as err:

@@ -249,6 +249,7 @@ def _composed(cls: type[Method], modifiers: tuple[str, ...], trainer: str | None
         f"{cls.Hparams.__name__}[{name}]",
         [(part, kind.Hparams, field(default_factory=kind.Hparams)) for part, kind in parts],
         bases=(cls.Hparams,),
+        namespace={"__module__": cls.Hparams.__module__},
     )
     namespace = {"name": name, "Hparams": hparams, "modifier_names": modifiers, "trainer_name": trainer,
                  "__module__": cls.__module__, "__doc__": f"{cls.name} composed with {', '.join(p for p, _ in parts)}."}  # fmt: skip

@@ -1,9 +1,9 @@
 """``mlkd``: Multi-Level Logit Distillation (Jin, Wang & Lin, "Multi-Level Logit Distillation", CVPR 2023):
 the teacher's and student's predictions at several temperatures ("prediction augmentation") are aligned at
 three levels — instance (KL of each sample's class distribution), batch (the N×N Gram matrix of the
-predictions: which samples look alike) and class (the C×C Gram matrix: which classes co-occur) — with the
-less confident samples and classes emphasised (the paper's §3: L_ins, L_batch, L_class summed over the
-temperatures).
+predictions: which samples look alike) and class (the C×C Gram matrix: which classes co-occur) — summed over
+the temperatures (the paper's instance-, batch- and class-level losses; the paper body was not available to
+us, so we cite no equation number: the official code below is our reference for every term).
 
 We follow the official code (Jin-Ying/Multi-Level-Logit-Distillation ``mdistiller/distillers/KD_ours.py``;
 the same file as ``MLKD.py`` in sunshangquan/logit-standardization-KD), where it is specific:

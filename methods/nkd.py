@@ -3,7 +3,7 @@ to Self-Knowledge Distillation: A Unified Approach with Normalized Loss and Cust
 2023). The KD loss is split into a target term and a non-target term, and the non-target term is
 *normalised*: the non-target probabilities of each network are divided by their sum (1 − p_target), so the
 student matches the teacher's distribution over the wrong classes whatever its target confidence (the paper's
-§3, L_NKD):
+L_NKD; we cite no equation number, the paper body was not available to us, and follow the official code):
 
     L_NKD = −mean_i T_t,i · log S_t,i  −  γ·λ² · mean_i Σ_{j≠t} T̂_j,i · log Ŝ_j,i
 

@@ -1,8 +1,8 @@
 """``wttm``: Weighted Transformed Teacher Matching (Zheng & Yang, "Knowledge Distillation Based on Transformed
-Teacher Matching", ICLR 2024). TTM (the paper's §3) drops the temperature on the student side and applies it
+Teacher Matching", ICLR 2024, arXiv 2402.11148). TTM (the paper's §3) drops the temperature on the student side and applies it
 to the teacher only, read as a power transform of the teacher's distribution,
 ``p̂_t = p_t^γ / U_γ(p_t)`` with ``γ = 1/T`` and the power sum ``U_γ(p) = Σ_c p_c^γ``; it matches the student's
-plain softmax to it. WTTM (§4) weights each sample's KL by ``U_γ(p_t)``, which is large for a flat teacher
+plain softmax to it. WTTM (§4, "Sample-adaptive Matching to the Transformed Teacher") weights each sample's KL by ``U_γ(p_t)``, which is large for a flat teacher
 prediction and small for a confident one (the sample-adaptive weighting coefficient):
 
     L = CE(z_s, y) + β · mean_i U_γ(p_t,i) · KL(p̂_t,i ‖ softmax(z_s,i))

@@ -1,8 +1,9 @@
 """``ctkd``: curriculum temperature (Li, Li, Yang, Zhang, Jiang, Li, Yang, "Curriculum Temperature for Knowledge
 Distillation", AAAI 2023): the distillation temperature is a learnable parameter trained *adversarially*
 (it maximises the distillation loss through a gradient reversal layer), and the strength of the reversal
-follows an easy-to-hard cosine curriculum over the first epochs (the paper's §3: the min–max objective and
-the cosine schedule of λ).
+follows an easy-to-hard cosine curriculum over the first epochs (the paper's min–max objective with the
+gradient reversal layer and its cosine schedule of λ; equation numbers not verified here, the paper body was not
+available to us: the official code below is our reference).
 
 We follow the official code (zhengli97/CTKD: ``models/temp_global.py`` ``Global_T``, ``train_student.py``
 ``CosineDecay``, ``helper/loops.py``):

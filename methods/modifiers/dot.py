@@ -1,7 +1,8 @@
 """``dot``: the Distillation-Oriented Trainer (Zhao, Cui, Song & Liang, "DOT: A Distillation-Oriented Trainer",
 ICCV 2023): SGD with two momentum buffers per parameter, one for the gradient of the task loss (momentum
 μ − Δ) and one for the gradient of the distillation loss (momentum μ + Δ), so that the distillation gradient
-carries more of the optimisation (the paper's §3.2 update rule).
+carries more of the optimisation (the paper's momentum update; its equation numbers are not verified here, the
+paper body was not available to us: the official code below is our reference).
 
 We follow the official code (megvii-research/mdistiller ``mdistiller/engine/dot.py``
 ``DistillationOrientedTrainer`` and ``mdistiller/engine/trainer.py`` ``DOT``), step by step:

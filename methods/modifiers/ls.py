@@ -1,6 +1,7 @@
 """``ls``: logit standardization (Sun, Ren, Li, Wang & Cao, "Logit Standardization in Knowledge Distillation",
 CVPR 2024): the Z-score ``Z(z) = (z − mean(z)) / std(z)`` of each sample's logits, teacher and student alike,
-before the temperature softmax of a logit-based loss (the paper's ``Z``-score pre-process, Algorithm 1).
+before the temperature softmax of a logit-based loss (the paper's ``Z``-score pre-process; the paper body
+was not available to us, so the official code below is our reference).
 
 We follow the official code (sunshangquan/logit-standardization-KD, ``mdistiller/distillers/KD.py``
 ``normalize``): the mean and standard deviation are over the classes of each sample, the standard deviation is
