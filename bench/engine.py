@@ -237,6 +237,34 @@ def make_optimizer(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Op
     )
 
 
+class Trainer(Protocol):
+    """How a training step turns a method's named losses into a parameter update (``TrainingRun.step``).
+
+    ``optimizer`` is what the scheduler drives and the checkpoint saves. A method chooses its trainer
+    (``Method.make_trainer``); :class:`SGDTrainer` is the default, ``methods/modifiers/dot.py`` another."""
+
+    optimizer: torch.optim.Optimizer
+
+    def update(self, losses: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        """One update from the step's named ``losses`` and their sum ``loss``."""
+        ...
+
+
+class SGDTrainer:
+    """The default update: backward of the summed losses, optional gradient clipping, one SGD step."""
+
+    def __init__(self, params: list[nn.Parameter], recipe: Recipe) -> None:
+        self.params, self.recipe = params, recipe
+        self.optimizer = make_optimizer(params, recipe)
+
+    def update(self, losses: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.recipe.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.params, self.recipe.grad_clip)
+        self.optimizer.step()
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file, then rename: a crash never leaves a torn checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,7 +331,8 @@ class TrainingRun:
         if recipe.channels_last:
             method.to(memory_format=torch.channels_last)
         self.params = method.trainable_parameters()
-        self.optimizer = make_optimizer(self.params, recipe)
+        self.trainer: Trainer = method.make_trainer(self.params, recipe)
+        self.optimizer = self.trainer.optimizer
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(recipe.milestones), recipe.gamma)
         self.history, self.start = History(), 0
         seed_everything(task.seed)
@@ -331,11 +360,7 @@ class TrainingRun:
         with autocast(self.recipe, self.task.device):
             _, losses = self.forward_train(x, y, *extra)
             loss = sum(losses.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.recipe.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.params, self.recipe.grad_clip)
-        self.optimizer.step()
+        self.trainer.update(losses, loss)
         for name, value in losses.items():
             self.sums[name] = self.sums.get(name, 0.0) + value.detach()
         self.sums["loss"] = self.sums.get("loss", 0.0) + loss.detach()

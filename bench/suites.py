@@ -20,6 +20,15 @@ A run's recipe is the suite's ``recipe``, updated by its pair's ``recipe`` (e.g.
 ShuffleNet students of the CRD protocol), then by its method entry's ``recipe`` (``{name, label, hparams,
 recipe}``: the protocol a method's reference numbers were measured with, e.g. mdistiller's batch 512 / lr 0.2
 for DKD on ImageNet). The result is part of the run's hash.
+
+A method entry may compose logit modifiers and a trainer onto a method (:mod:`methods.modifiers`), each by
+name or as ``{name: {hyperparameter: value}}``; the label defaults to the composed name (``kd+ls``,
+``dkd+ls+ctkd``, ``kd+dot``)::
+
+    methods:
+      - kd: {temperature: 2, kd_weight: 9, modifiers: [ls]}
+      - dkd: {modifiers: [ls, {ctkd: {curriculum_epochs: 5}}]}
+      - {name: kd, label: kd-dot, hparams: {temperature: 4}, trainer: {dot: {delta: 0.09}}}
 """
 from __future__ import annotations
 
@@ -36,6 +45,7 @@ from bench.config import coerce, from_mapping, to_dict
 from bench.data import list_datasets
 from bench.engine import Recipe
 from bench.errors import BenchError
+from bench.method_entries import MethodEntry, merge_hparams, method_entries
 from bench.references import Provenance, Reference, resolve_references
 
 
@@ -53,18 +63,6 @@ def shipped_suites_dir() -> Path:
 
 
 SUITES_DIR = shipped_suites_dir()
-
-
-@dataclass
-class MethodEntry:
-    """One column of the table: a registered method, its label, hyperparameter and recipe overrides (the
-    recipe overrides apply after the pair's)."""
-
-    name: str
-    label: str
-    hparams: dict[str, Any] = field(default_factory=dict)
-    teacher_mode: str = "offline"  # the method's: "none", "offline" or "online" (the tables need to know)
-    recipe: dict[str, Any] = field(default_factory=dict)  # recipe overrides of this method (after the pair's)
 
 
 @dataclass
@@ -213,8 +211,15 @@ class RunSpec:
             "seed": self.seed,
             "target_top1": self.target_top1,
         }
-        flat.update({f"hp.{k}": v for k, v in self.hparams.items()})
+        flat.update(_flatten("hp", self.hparams))
         flat.update({f"recipe.{k}": v for k, v in to_dict(self.recipe).items()})
+        from methods import split_name
+
+        _, modifiers, trainer = split_name(self.method)
+        if modifiers:
+            flat["modifiers"] = ",".join(modifiers)
+        if trainer:
+            flat["trainer"] = trainer
         if self.teacher_spec is not None:
             flat["teacher_hash"] = self.teacher_spec.hash
         return flat
@@ -223,6 +228,14 @@ class RunSpec:
 def run_parts(method: str, student: str, teacher: str, dataset: str) -> dict[str, tuple[str, str]]:
     return {"method": ("method", method), "student": ("model", student), "teacher": ("model", teacher),
             "dataset": ("dataset", dataset)}  # fmt: skip
+
+
+def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``{"a": 1, "ctkd": {"b": 2}}`` → ``{"<prefix>.a": 1, "<prefix>.ctkd.b": 2}`` (a modifier's hyperparameters)."""
+    out = {}
+    for k, v in values.items():
+        out.update(_flatten(f"{prefix}.{k}", v) if isinstance(v, dict) else {f"{prefix}.{k}": v})
+    return out
 
 
 def content_hash(data: Any) -> str:
@@ -247,48 +260,6 @@ NOT_SUITES = {"teachers"}  # suites/teachers.yaml is the manifest of published t
 
 def list_suites() -> list[str]:
     return sorted(p.stem for p in SUITES_DIR.glob("*.yaml") if p.stem not in NOT_SUITES)
-
-
-def _method_entries(raw: Any, where: str) -> list[MethodEntry]:
-    from methods import build_hparams, get_method
-
-    if not isinstance(raw, list) or not raw:
-        raise BenchError(f"{where}: must be a non-empty list of methods")
-    entries = []
-    for i, item in enumerate(raw):
-        w = f"{where}[{i}]"
-        recipe: Any = {}
-        if isinstance(item, str):
-            name, hparams, label = item, {}, item
-        elif isinstance(item, dict) and len(item) == 1 and "name" not in item:
-            ((name, hparams),) = item.items()
-            label = name
-        elif isinstance(item, dict) and "name" in item:
-            item = dict(item)
-            name = item.pop("name")
-            label = item.pop("label", name)
-            hparams = item.pop("hparams", {})
-            recipe = item.pop("recipe", {}) or {}
-            if item:
-                raise BenchError(f"{w}: unknown key {sorted(item)[0]!r} (allowed: name, label, hparams, recipe)")
-            if not isinstance(recipe, dict):
-                raise BenchError(f"{w}.recipe: expected a mapping of recipe fields, got {recipe!r}")
-        else:
-            raise BenchError(f"{w}: expected a method name or a mapping {{name: {{hparam: value}}}}")
-        if not isinstance(name, str):
-            raise BenchError(f"{w}: method name must be a string, got {name!r}")
-        try:
-            cls = get_method(name)
-        except BenchError as err:
-            raise BenchError(f"{w}: {err}") from None
-        hparams = hparams or {}
-        build_hparams(name, hparams, f"{w}.{name}")  # validate now
-        entries.append(MethodEntry(name, str(label), dict(hparams), cls.teacher_mode, dict(recipe)))
-    labels = [e.label for e in entries]
-    dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
-    if dupes:
-        raise BenchError(f"{where}: label {dupes[0]!r} used twice; give entries distinct `label`s")
-    return entries
 
 
 def _nonempty_list(raw: dict, key: str, where: str) -> list:
@@ -333,7 +304,7 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
                     f"{where}.pairs[{i}].{role}: unknown model {getattr(pair, role)!r} (`python -m bench list models`)"
                 )
         pairs.append(pair)
-    methods = _method_entries(raw.get("methods"), f"{where}.methods")
+    methods = method_entries(raw.get("methods"), f"{where}.methods")
     labels = {m.label for m in methods}
     for i, pair in enumerate(pairs):
         for label, values in pair.hparams.items():
@@ -342,7 +313,7 @@ def parse_suite(raw: Any, path: Path | None = None) -> Suite:
             entry = next(m for m in methods if m.label == label)
             from methods import build_hparams
 
-            build_hparams(entry.name, {**entry.hparams, **values}, f"{where}.pairs[{i}].hparams.{label}")
+            build_hparams(entry.name, merge_hparams(entry.hparams, values), f"{where}.pairs[{i}].hparams.{label}")
         for label in pair.exclude:
             if label not in labels:
                 raise BenchError(f"{where}.pairs[{i}].exclude: {label!r} is not a method label of this suite")
@@ -415,10 +386,23 @@ def _is_number(value: Any, where: str) -> bool:
     return True
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_suite(name_or_path: str | Path) -> Suite:
     path = resolve_suite_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark else ""
@@ -458,7 +442,8 @@ def expand(suite: Suite) -> list[RunSpec]:
                 continue
             recipe = run_recipe(suite.recipe, pair, entry)
             cls = get_method(entry.name)
-            values = {**entry.hparams, **pair.hparams.get(entry.label, {})}
+            cls.check_recipe(recipe, f"{suite.path or suite.name}: {entry.label} on {pair.label}")
+            values = merge_hparams(entry.hparams, pair.hparams.get(entry.label, {}))
             hparams = to_dict(build_hparams(entry.name, values, entry.label))
             tspec = teacher_spec(suite, pair) if cls.teacher_mode == "offline" else None
             code = code_digests(run_parts(entry.name, pair.student, pair.teacher, suite.dataset))

@@ -14,6 +14,9 @@ ResNet34→ResNet18, 2 for ResNet50→MobileNet-V1, T=1, warm-up 1 epoch).
 Numerics: the binary log-probabilities are computed in log space (``logsumexp`` over the non-target logits) and
 the non-target distribution by dropping the target column; mdistiller takes ``log`` of summed probabilities and
 masks the target logit with −1000. The two are equal in exact arithmetic.
+
+Accepts the logit modifiers ``ls`` and ``ctkd`` (on both TCKD and NCKD; the logit-standardization and CTKD
+repositories apply them so) and the ``dot`` trainer (:mod:`methods.modifiers`).
 """
 from __future__ import annotations
 
@@ -27,21 +30,25 @@ from bench.errors import BenchError
 from methods.base import Method, register_method
 
 
+def drop_target(logits: Tensor, targets: Tensor) -> Tensor:
+    """The (N, C−1) logits of the non-target classes of each row, in class order."""
+    batch, classes = logits.shape
+    return logits[~F.one_hot(targets, classes).bool()].view(batch, classes - 1)
+
+
 def dkd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     targets: Tensor,
     alpha: float = 1.0,
     beta: float = 8.0,
-    temperature: float = 4.0,
+    temperature: float | Tensor = 4.0,
 ) -> Tensor:
     """T²·(α·KL(b_T ‖ b_S) + β·KL(p̂_T ‖ p̂_S)), mean over the batch (DKD eq. 7 with the α, β weights)."""
     s = student_logits / temperature
     t = teacher_logits / temperature
-    batch, classes = s.shape
-    target_mask = F.one_hot(targets, classes).bool()
-    s_other = s[~target_mask].view(batch, classes - 1)
-    t_other = t[~target_mask].view(batch, classes - 1)
+    s_other = drop_target(s, targets)
+    t_other = drop_target(t, targets)
 
     def binary_log_probs(logits: Tensor, other: Tensor) -> Tensor:
         log_z = torch.logsumexp(logits, dim=1, keepdim=True)
@@ -80,13 +87,14 @@ class DKDHparams:
 class DKD(Method):
     name = "dkd"
     Hparams = DKDHparams
+    accepts = frozenset({"ls", "ctkd", "dot"})
 
     def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(x)
-        teacher_logits = self.teacher_features(x).logits
         hp = self.hp
+        view = self.distill_logits(logits, self.teacher_features(x).logits, hp.temperature)
         weight = warmup_factor(self.epoch, hp.warmup_epochs)
         return logits, {
             "ce": hp.ce_weight * F.cross_entropy(logits, y),
-            "dkd": weight * dkd_loss(logits, teacher_logits, y, hp.alpha, hp.beta, hp.temperature),
+            "dkd": weight * dkd_loss(view.student, view.teacher, y, hp.alpha, hp.beta, view.temperature),
         }

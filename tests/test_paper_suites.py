@@ -77,7 +77,8 @@ def test_the_crd_suites_hold_the_13_pairs_of_the_crd_table_with_the_crd_recipes(
         suite = load_suite(name)
         assert (suite.recipe.epochs, suite.recipe.batch_size, suite.recipe.milestones) == (240, 64, [150, 180, 210])
         assert [m.label for m in suite.methods] == [
-            "ce", "kd", "fitnet", "at", "dkd", "dist", "crd", "reviewkd", "srd", "stablekd", "gpd", "bdkd"]  # fmt: skip
+            "ce", "kd", "fitnet", "at", "dkd", "dist", "crd", "reviewkd", "srd", "stablekd", "gpd", "bdkd",
+            "kd+ls", "kd+ctkd", "kd+ls+ctkd", "dkd+ls", "mlkd", "mlkd+ls", "wttm", "nkd", "kd+dot"]  # fmt: skip
         lr = {(s.teacher, s.student): s.recipe.lr for s in expand(suite)}
         for pair in suite.pairs:
             pairs[(pair.teacher, pair.student)] = (lr[pair.teacher, pair.student], pair)

@@ -185,3 +185,9 @@ def test_bad_method_recipes_name_the_field(tmp_path, recipe, message):
     data = {**GOOD, "methods": ["ce", {"name": "kd", "recipe": recipe}]}
     with pytest.raises(BenchError, match=message):
         load_suite(write(tmp_path, data))
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    text = yaml.safe_dump(GOOD) + "seeds: [3]\n"
+    with pytest.raises(BenchError, match=r"line \d+ YAML syntax error: key 'seeds' appears twice"):
+        load_suite(write(tmp_path, text))
