@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from bench.errors import BenchError
+from bench.locks import exclusive_lock
 
 EPILOG = """examples:
   python -m bench run mini                      # the default suite on the embedded digits data
@@ -132,8 +133,9 @@ def cmd_run(args) -> int:
     options = run_options(args, executor=args.executor)
     report = run_suite(suite, options)
     out = suite_dir(options, suite)
-    frame = write_tables(suite, make_tracker(suite, options), out)
-    print((out / "tables.md").read_text())
+    with exclusive_lock(out / ".tables.lock"):  # another `bench run` of the suite may write them at the same time
+        frame = write_tables(suite, make_tracker(suite, options), out)
+        print((out / "tables.md").read_text())
     print(f"wrote {out}/runs.csv, tables.md, convergence.png ({len(frame)} runs); "
           f"{len(report.finished)} ran, {len(report.skipped)} skipped, {len(report.failed)} failed")  # fmt: skip
     return report.exit_code
@@ -173,8 +175,9 @@ def cmd_tables(args) -> int:
     if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")) and not db.exists():
         raise BenchError(f"no runs yet: {db} does not exist (run `python -m bench run {args.suite}` first)")
     out = suite_dir(options, suite)
-    write_tables(suite, make_tracker(suite, options), out)
-    print((out / "tables.md").read_text())
+    with exclusive_lock(out / ".tables.lock"):
+        write_tables(suite, make_tracker(suite, options), out)
+        print((out / "tables.md").read_text())
     return 0
 
 
