@@ -181,9 +181,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         key = numpy_state["key"].cpu().numpy().astype(np.uint32)
         numpy_state = (numpy_state["kind"], key, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"])
     np.random.set_state(numpy_state)  # a tuple: a checkpoint written before the key was a tensor
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # generators take CPU byte tensors (the checkpoint maps to the device)
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 _MALLOC_TUNING: str | None = None  # what keep_freed_host_memory did in this process
