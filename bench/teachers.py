@@ -129,15 +129,16 @@ def use_published_teachers(suite: Suite, teacher_dir: Path) -> None:
         raise BenchError(f"--teacher-dir {teacher_dir}: not a folder")
     manifest = load_manifest(manifest_path(teacher_dir))
     for pair in suite.pairs:
-        if pair.teacher_checkpoint is not None:
-            continue
-        entry = manifest.entry(suite.dataset, pair.teacher)
-        path = published_checkpoint(teacher_dir, entry)
-        if not path.exists():
-            raise BenchError(f"published teacher {pair.teacher}: {path} not found (listed in {manifest.path})")
-        if entry.sha256 is not None:
-            check_sha256(path, file_sha256(path), entry, manifest, pair.teacher)
-        pair.teacher_checkpoint = str(path)
+        if pair.teacher_checkpoint is None:
+            path = published_checkpoint(teacher_dir, manifest.entry(suite.dataset, pair.teacher))
+            if not path.exists():
+                raise BenchError(f"published teacher {pair.teacher}: {path} not found (listed in {manifest.path})")
+            pair.teacher_checkpoint = str(path)
+        entry = manifest.datasets.get(suite.dataset, {}).get(pair.teacher)
+        path = Path(pair.teacher_checkpoint).resolve()
+        if entry is not None and entry.sha256 is not None and path == published_checkpoint(teacher_dir, entry):
+            if path.exists():  # (a missing explicit checkpoint is reported by the caller)
+                check_sha256(path, file_sha256(path), entry, manifest, pair.teacher)
 
 
 def published_entry(spec: TeacherSpec, teacher_dir: Path) -> tuple[TeacherManifest, PublishedTeacher] | None:

@@ -29,7 +29,7 @@ SUITE = {
     "fractions": [0.2],
     "seeds": [0, 1],
     "recipe": {"epochs": 1, "batch_size": 64, "lr": 0.05, "milestones": []},
-    "teacher": {"seed": 0, "recipe": {"epochs": 1, "milestones": []}},
+    "teacher": {"seed": 0, "fraction": 0.2, "recipe": {"epochs": 1, "milestones": []}},
 }
 
 
