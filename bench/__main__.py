@@ -172,7 +172,7 @@ def cmd_run(args) -> int:
 
     result = api.run(args.suite, ci=args.ci, **run_options(args, executor=args.executor))
     report = result.report
-    print((result.out / "tables.md").read_text())
+    print(result.markdown)
     print(f"wrote {result.out}/runs.csv, tables.md, summary.csv, summary.png, convergence.png ({len(result.frame)} runs); "
           f"{len(report.finished)} ran, {len(report.skipped)} skipped, {len(report.failed)} failed")  # fmt: skip
     return report.exit_code
@@ -196,7 +196,7 @@ def cmd_tables(args) -> int:
     from bench import api
 
     result = api.tables(args.suite, results_dir=args.results, tracking_uri=args.tracking_uri, ci=args.ci)
-    print((result.out / "tables.md").read_text())
+    print(result.markdown)
     return 0
 
 

@@ -30,6 +30,7 @@ import pandas as pd
 
 from bench import plugins as plugin_loader
 from bench.errors import BenchError
+from bench.locks import exclusive_lock
 from bench.run import RunOptions, SuiteReport, make_tracker, suite_dir
 from bench.suites import Suite, expand, list_suites, load_suite as load_suite_file, parse_suite
 
@@ -88,6 +89,7 @@ class SuiteRun:
     report: SuiteReport
     frame: pd.DataFrame
     out: Path
+    markdown: str = ""  # tables.md as written (read under the tables lock)
 
     @property
     def exit_code(self) -> int:
@@ -98,7 +100,6 @@ def run(suite: SuiteLike, plugins: Iterable[str] = (), log: Callable[[str], None
         **options: Any) -> SuiteRun:  # fmt: skip
     """Run every pending spec of ``suite``, then write ``results/<suite>/{runs.csv,tables.md,summary.csv,*.png}``
     (``ci``: accuracy cells as mean and 95 % interval instead of mean ± std)."""
-    from bench.report import write_tables
     from bench.run import run_suite as execute
 
     flags, options = _split(dict(options))
@@ -108,8 +109,8 @@ def run(suite: SuiteLike, plugins: Iterable[str] = (), log: Callable[[str], None
         plugin_loader.check_shippable(spec.parts for spec in expand(suite))
     report = execute(suite, opts, log)
     out = suite_dir(opts, suite)
-    frame = write_tables(suite, make_tracker(suite, opts), out, ci=ci)
-    return SuiteRun(suite, report, frame, out)
+    frame, markdown = _write_tables(suite, make_tracker(suite, opts), out, ci)
+    return SuiteRun(suite, report, frame, out, markdown)
 
 
 def run_suite(suite: SuiteLike, plugins: Iterable[str] = (), **options: Any) -> pd.DataFrame:
@@ -125,6 +126,16 @@ def sweep(suite: SuiteLike, plugins: Iterable[str] = (), log: Callable[[str], No
     flags, options = _split(dict(options))
     suite = with_speed_flags(load_suite(suite, plugins), flags)
     return run_sweep(suite, run_options(**{**options, "executor": "ray"}), log)
+
+
+def _write_tables(suite: Suite, tracker, out: Path, ci: bool) -> tuple[pd.DataFrame, str]:
+    """Write the suite's tables and read ``tables.md`` back, under a lock: another ``bench run`` of the suite may
+    write them at the same time."""
+    from bench.report import write_tables
+
+    with exclusive_lock(out / ".tables.lock"):
+        frame = write_tables(suite, tracker, out, ci=ci)
+        return frame, (out / "tables.md").read_text()
 
 
 def _existing_tracker(suite: Suite, options: RunOptions):
@@ -148,13 +159,11 @@ def load_results(suite: SuiteLike, plugins: Iterable[str] = (), results_dir: str
 def tables(suite: SuiteLike, plugins: Iterable[str] = (), results_dir: str | Path = "results",
            tracking_uri: str | None = None, ci: bool = False) -> SuiteRun:  # fmt: skip
     """Rebuild ``results/<suite>/{runs.csv,tables.md,summary.csv,*.png}`` from MLflow."""
-    from bench.report import write_tables
-
     suite = load_suite(suite, plugins)
     options = run_options(results_dir=results_dir, tracking_uri=tracking_uri)
     out = suite_dir(options, suite)
-    frame = write_tables(suite, _existing_tracker(suite, options), out, ci=ci)
-    return SuiteRun(suite, SuiteReport(), frame, out)
+    frame, markdown = _write_tables(suite, _existing_tracker(suite, options), out, ci)
+    return SuiteRun(suite, SuiteReport(), frame, out, markdown)
 
 
 def compare(a: str | Path, b: str | Path, metric: str = "top1", tolerance: float = 0.5,

@@ -142,10 +142,34 @@ def _digits(root: Path | None, download: bool) -> Splits:
     )
 
 
-def read_cifar_split(folder: Path, train: bool, num_classes: int) -> TensorImages:
-    """Read one split of the CIFAR python pickle format (``data_batch_*``/``test`` in ``folder``)."""
+# What a CIFAR batch pickle may ask for: NumPy arrays (``data``), nothing that could run code.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # bytes in a protocol-2 pickle written by Python 3
+}
+
+
+def _load_cifar_pickle(path: Path) -> dict:
+    """A CIFAR batch file through an unpickler that builds NumPy arrays and plain values only (the pattern of
+    Python's "Restricting Globals"): a file asking for anything else is refused (``BenchError``) before it runs."""
     import pickle
 
+    class ArraysOnly(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) not in _CIFAR_GLOBALS:
+                raise BenchError(f"{path}: refused to read: its pickle asks for {module}.{name}, which a CIFAR batch "
+                                 "file never holds (unpickling it could run code)")  # fmt: skip
+            return super().find_class(module, name)
+
+    with open(path, "rb") as fh:
+        return ArraysOnly(fh, encoding="latin1").load()
+
+
+def read_cifar_split(folder: Path, train: bool, num_classes: int) -> TensorImages:
+    """Read one split of the CIFAR python pickle format (``data_batch_*``/``test`` in ``folder``)."""
     if num_classes == 10:  # cifar-10-batches-py: data_batch_1..5, test_batch
         names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     else:  # cifar-100-python: train, test
@@ -155,8 +179,9 @@ def read_cifar_split(folder: Path, train: bool, num_classes: int) -> TensorImage
         path = folder / name
         if not path.exists():
             raise BenchError(f"missing {path}; pass --download to fetch the dataset")
-        with open(path, "rb") as fh:
-            batch = pickle.load(fh, encoding="latin1")
+        batch = _load_cifar_pickle(path)
+        if not isinstance(batch, dict):
+            raise BenchError(f"{path} is not a CIFAR batch file (no data/labels)")
         labels = batch.get("labels", batch.get("fine_labels"))
         if "data" not in batch or labels is None:
             raise BenchError(f"{path} is not a CIFAR batch file (no data/labels)")

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bench.data import Loader
+from bench.checkpoints import LEGACY_RUN_CHECKPOINT_TYPES, load_checkpoint
 from bench.config import check_fields
 from bench.errors import BenchError
 from bench.metrics import classification_metrics, curve_auc, epochs_to_target
@@ -191,7 +192,12 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The global RNG states in a form a weights-only load reads back (``bench.checkpoints``): Python's is a
+    tuple of ints, NumPy's key array becomes a tensor, torch's are tensors."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}  # fmt: skip
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -199,10 +205,14 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        key = numpy_state["key"].cpu().numpy().astype(np.uint32)
+        numpy_state = (numpy_state["kind"], key, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"])
+    np.random.set_state(numpy_state)  # a tuple: a checkpoint written before the key was a tensor
+    torch.set_rng_state(state["torch"].cpu())  # generators take CPU byte tensors (the checkpoint maps to the device)
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 _MALLOC_TUNING: str | None = None  # what keep_freed_host_memory did in this process
@@ -338,7 +348,7 @@ class TrainingRun:
         seed_everything(task.seed)
         ckpt_path = task.checkpoint_path
         if ckpt_path is not None and ckpt_path.exists():
-            state = torch.load(ckpt_path, map_location=task.device, weights_only=False)
+            state = load_checkpoint(ckpt_path, task.device, allow=LEGACY_RUN_CHECKPOINT_TYPES)
             method.load_checkpoint_state(state["method"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])

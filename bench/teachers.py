@@ -4,14 +4,15 @@
 the same engine as every student (method ``ce``), checkpointing every epoch, so an interrupted teacher
 resumes too. A user checkpoint (``teacher_checkpoint:`` in the suite) is loaded in the common published
 layouts (a bare ``state_dict``, ``{"model": ...}`` as in CRD / mdistiller, ``{"state_dict": ...}``,
-``module.`` prefixes from DataParallel) and evaluated once on the test split.
+``module.`` prefixes from DataParallel) and evaluated once on the test split. Every file is read without running
+code from it (``bench.checkpoints``): a checkpoint whose pickle asks for more than weights is refused.
 
 Published teachers (``--teacher-dir DIR``): ``suites/teachers.yaml`` (or ``DIR/teachers.yaml`` when present)
 lists, per dataset and teacher model, the checkpoint file under DIR (``<arch>_vanilla/ckpt_epoch_240.pth`` for
 the CRD CIFAR-100 teachers, as in mdistiller's ``cifar_teachers.tar``), an optional sha256 and the published
 test top-1. ``use_published_teachers`` gives every pair without a ``teacher_checkpoint`` the listed file (so
 the teacher spec, and the hash of every student run, records which file was used); ``ensure_teacher`` checks
-the sha256 when listed, evaluates the teacher once on the test split and refuses it (``BenchError``) when its
+the sha256 when listed (before the file is opened), evaluates the teacher once on the test split and refuses it (``BenchError``) when its
 top-1 is more than the tolerance off the published value.
 """
 from __future__ import annotations
@@ -23,10 +24,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench.checkpoints import PUBLISHED_TEACHER_TYPES, load_checkpoint
 from bench.config import from_mapping, to_dict
 from bench.data import Splits
 from bench.engine import apply_numerics, atomic_save, build_task, predict, seed_everything
 from bench.errors import BenchError
+from bench.locks import exclusive_lock
 from bench.metrics import classification_metrics
 from bench.models import StagedNet, create_model
 from bench.suites import SUITES_DIR, Suite, TeacherSpec
@@ -106,11 +109,18 @@ def published_checkpoint(teacher_dir: Path, entry: PublishedTeacher) -> Path:
     return (Path(teacher_dir) / entry.file).resolve()
 
 
+def check_sha256(path: Path, sha256: str, entry: PublishedTeacher, manifest: TeacherManifest, model: str) -> None:
+    """A listed sha256 is compared before the file is ever opened by ``torch.load``."""
+    if entry.sha256 is not None and sha256 != entry.sha256:
+        raise BenchError(f"published teacher {model}: {path} has sha256 {sha256}, {manifest.path} lists "
+                         f"{entry.sha256}; refusing to open it")  # fmt: skip
+
+
 def use_published_teachers(suite: Suite, teacher_dir: Path) -> None:
     """``--teacher-dir``: every pair without a ``teacher_checkpoint`` gets the manifest's file under the folder.
 
     Only for suites with an offline method (online methods train their teacher). Raises ``BenchError`` for a
-    teacher the manifest does not list or a file that is missing."""
+    teacher the manifest does not list, a file that is missing or one whose sha256 differs from the listed one."""
     from methods import get_method
 
     if not any(get_method(m.name).teacher_mode == "offline" for m in suite.methods):
@@ -119,28 +129,32 @@ def use_published_teachers(suite: Suite, teacher_dir: Path) -> None:
         raise BenchError(f"--teacher-dir {teacher_dir}: not a folder")
     manifest = load_manifest(manifest_path(teacher_dir))
     for pair in suite.pairs:
-        if pair.teacher_checkpoint is not None:
-            continue
-        path = published_checkpoint(teacher_dir, manifest.entry(suite.dataset, pair.teacher))
-        if not path.exists():
-            raise BenchError(f"published teacher {pair.teacher}: {path} not found (listed in {manifest.path})")
-        pair.teacher_checkpoint = str(path)
+        if pair.teacher_checkpoint is None:
+            path = published_checkpoint(teacher_dir, manifest.entry(suite.dataset, pair.teacher))
+            if not path.exists():
+                raise BenchError(f"published teacher {pair.teacher}: {path} not found (listed in {manifest.path})")
+            pair.teacher_checkpoint = str(path)
+        entry = manifest.datasets.get(suite.dataset, {}).get(pair.teacher)
+        path = Path(pair.teacher_checkpoint).resolve()
+        if entry is not None and entry.sha256 is not None and path == published_checkpoint(teacher_dir, entry):
+            if path.exists():  # (a missing explicit checkpoint is reported by the caller)
+                check_sha256(path, file_sha256(path), entry, manifest, pair.teacher)
 
 
-def check_published_teacher(record: "TeacherRecord", teacher_dir: Path) -> None:
-    """When ``record`` was loaded from the manifest's file under ``teacher_dir``: sha256 (if listed) and test
-    top-1 within the tolerance of the published value, else ``BenchError``. Other teachers pass unchecked."""
-    spec = record.spec
+def published_entry(spec: TeacherSpec, teacher_dir: Path) -> tuple[TeacherManifest, PublishedTeacher] | None:
+    """The manifest and its entry when ``spec`` loads the manifest's file under ``teacher_dir``, else None."""
     if spec.checkpoint is None:
-        return
+        return None
     manifest = load_manifest(manifest_path(teacher_dir))
-    teachers = manifest.datasets.get(spec.dataset, {})
-    entry = teachers.get(spec.model)
+    entry = manifest.datasets.get(spec.dataset, {}).get(spec.model)
     if entry is None or published_checkpoint(teacher_dir, entry) != Path(spec.checkpoint).resolve():
-        return
-    if entry.sha256 is not None and record.sha256 != entry.sha256:
-        raise BenchError(f"published teacher {spec.model}: {spec.checkpoint} has sha256 {record.sha256}, "
-                         f"{manifest.path} lists {entry.sha256}")  # fmt: skip
+        return None
+    return manifest, entry
+
+
+def check_published_top1(record: "TeacherRecord", manifest: TeacherManifest, entry: PublishedTeacher) -> None:
+    """The teacher's test top-1 within the manifest's tolerance of the published value, else ``BenchError``."""
+    spec = record.spec
     tolerance = manifest.tolerance_of(entry)
     if abs(record.top1 - entry.top1) > tolerance:
         raise BenchError(
@@ -172,11 +186,15 @@ class TeacherRecord:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a user or published checkpoint, loaded without running code from it
+    (``bench.checkpoints``; the extra types of the published teachers' files allowed)."""
     path = Path(path)
     if not path.exists():
         raise BenchError(f"teacher checkpoint {path} not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = load_checkpoint(path, allow=PUBLISHED_TEACHER_TYPES)
+    except BenchError:
+        raise
     except Exception as err:  # torn file, wrong format
         raise BenchError(f"teacher checkpoint {path} could not be read: {err}") from None
     for key in ("model", "state_dict", "net"):
@@ -210,45 +228,58 @@ def ensure_teacher(
     """Train (or load) the teacher of ``spec`` once; later calls return the cached record.
 
     A loaded checkpoint is hashed (sha256) and re-evaluated when the file changed since it was cached.
-    ``teacher_dir`` (``--teacher-dir``): a teacher loaded from the manifest's file under it is verified by
-    :func:`check_published_teacher` (also when cached)."""
+    ``teacher_dir`` (``--teacher-dir``): a teacher loaded from the manifest's file under it is verified: its sha256
+    (when listed) before the file is opened, its top-1 (:func:`check_published_top1`, also when cached). One
+    process at a time trains or evaluates a teacher (a lock in its folder): another ``bench run`` needing the same
+    teacher waits and reuses it."""
     folder = results_dir / "teachers" / f"{spec.model}-{spec.hash}"
     final = folder / "teacher.pt"
     if spec.checkpoint is not None and not Path(spec.checkpoint).is_file():
         raise BenchError(f"teacher checkpoint {spec.checkpoint} not found")
     sha256 = file_sha256(spec.checkpoint) if spec.checkpoint is not None else None
-    record = None
-    if final.exists():
-        saved = torch.load(final, map_location="cpu", weights_only=False)
-        if saved.get("sha256") == sha256:
-            record = TeacherRecord(spec, final, saved["metrics"], sha256)
-    if record is None:
-        if spec.checkpoint is not None:
-            apply_numerics(spec.recipe, device)  # evaluated with the numerics its students train with
-            model = build_teacher(spec, splits, read_state_dict(spec.checkpoint)).to(device)
-            task = build_task(splits, 1.0, spec.seed, spec.recipe, device, progress=False)
-            metrics = classification_metrics(*predict(model, task.eval_loaders["test"]))
-        else:
-            from methods import MethodContext, get_method
-
-            seed_everything(spec.seed)
-            model = create_model(spec.model, splits.info.num_classes, splits.info.in_channels)
-            task = build_task(
-                splits, spec.fraction, spec.seed, spec.recipe, device,
-                checkpoint_path=folder / "checkpoint.pt", progress=progress, description=f"teacher {spec.model}",
-            )  # fmt: skip
-            context = MethodContext(splits.info, task.train_loader.num_samples, spec.recipe.epochs)
-            method = get_method("ce")(model, None, None, context)
-            history = method.fit(task, spec.recipe)
-            metrics = {k.removeprefix("test_"): v for k, v in history.epochs[-1].items() if k.startswith("test_")}
-        saved = {"state_dict": model.state_dict(), "metrics": metrics, "spec": to_dict(spec), "sha256": sha256}
-        atomic_save(saved, final)
-        record = TeacherRecord(spec, final, metrics, sha256)
-    if teacher_dir is not None:
-        check_published_teacher(record, teacher_dir)
+    published = published_entry(spec, teacher_dir) if teacher_dir is not None else None
+    if published is not None:
+        check_sha256(Path(spec.checkpoint), sha256, published[1], published[0], spec.model)
+    with exclusive_lock(folder / "lock"):
+        record = _cached_teacher(spec, final, sha256) or _make_teacher(spec, splits, folder, device, progress, sha256)
+    if published is not None:
+        check_published_top1(record, *published)
     return record
 
 
+def _cached_teacher(spec: TeacherSpec, final: Path, sha256: str | None) -> TeacherRecord | None:
+    if not final.exists():
+        return None
+    saved = load_checkpoint(final)
+    return TeacherRecord(spec, final, saved["metrics"], sha256) if saved.get("sha256") == sha256 else None
+
+
+def _make_teacher(spec: TeacherSpec, splits: Splits, folder: Path, device: torch.device, progress: bool,
+                  sha256: str | None) -> TeacherRecord:  # fmt: skip
+    """Evaluate the checkpoint, or train the teacher (resuming its checkpoint), and save its record."""
+    if spec.checkpoint is not None:
+        apply_numerics(spec.recipe, device)  # evaluated with the numerics its students train with
+        model = build_teacher(spec, splits, read_state_dict(spec.checkpoint)).to(device)
+        task = build_task(splits, 1.0, spec.seed, spec.recipe, device, progress=False)
+        metrics = classification_metrics(*predict(model, task.eval_loaders["test"]))
+    else:
+        from methods import MethodContext, get_method
+
+        seed_everything(spec.seed)
+        model = create_model(spec.model, splits.info.num_classes, splits.info.in_channels)
+        task = build_task(
+            splits, spec.fraction, spec.seed, spec.recipe, device,
+            checkpoint_path=folder / "checkpoint.pt", progress=progress, description=f"teacher {spec.model}",
+        )  # fmt: skip
+        context = MethodContext(splits.info, task.train_loader.num_samples, spec.recipe.epochs)
+        method = get_method("ce")(model, None, None, context)
+        history = method.fit(task, spec.recipe)
+        metrics = {k.removeprefix("test_"): v for k, v in history.epochs[-1].items() if k.startswith("test_")}
+    final = folder / "teacher.pt"
+    atomic_save({"state_dict": model.state_dict(), "metrics": metrics, "spec": to_dict(spec), "sha256": sha256}, final)
+    return TeacherRecord(spec, final, metrics, sha256)
+
+
 def load_teacher(record: TeacherRecord, splits: Splits) -> StagedNet:
-    saved = torch.load(record.path, map_location="cpu", weights_only=False)
+    saved = load_checkpoint(record.path)
     return build_teacher(record.spec, splits, saved["state_dict"])

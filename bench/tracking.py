@@ -4,7 +4,10 @@ The store defaults to ``sqlite:///results/mlflow.db`` (``MLFLOW_TRACKING_URI`` o
 override it). Several processes (Ray trials) write to it at once: a sqlite store is switched to WAL
 journaling (readers never block the writer), MLflow itself sets a 20 s busy timeout on each session, and
 ``with_retry`` retries what still comes back "database is locked" (SQLite returns that at once, without
-waiting, when waiting could deadlock); ``tests/test_tracking.py`` proves no row is lost. A sqlite file on
+waiting, when waiting could deadlock); ``tests/test_tracking.py`` proves no row is lost. MLflow creates the
+schema on first use: ``store_lock`` (a file lock beside the database) lets one process create or migrate it, and
+the experiment, while others wait. A tracking server is asked for ``/health`` before use (``check_server``: one
+line, exit 2, when it does not answer) and its client gives up after ~50 s (``HTTP_RETRY_DEFAULTS``). A sqlite file on
 a network file system is not safe with several writers (no WAL over NFS): on a cluster use a tracking
 server (``MLFLOW_TRACKING_URI=http://head:5000``). Each run carries the spec as params, per-epoch
 metrics (``step`` = epoch), tags (spec hash, status, error, and what produced it: ``bench.provenance``), its
@@ -19,9 +22,13 @@ import math
 import os
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
+
+from bench.errors import BenchError
+from bench.locks import exclusive_lock
 
 T = TypeVar("T")
 FINISHED, FAILED, RUNNING, KILLED = "FINISHED", "FAILED", "RUNNING", "KILLED"
@@ -32,15 +39,65 @@ def default_tracking_uri(results_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
 
 
+# How long the client insists on a tracking server that does not answer, unless the user sets these: 10 s per
+# request, 3 retries after 0, 2 and 4 s (+ up to 1 s jitter each): at most ~50 s, instead of MLflow's defaults
+# (120 s, 7 retries, backoff factor 2: several minutes). README, "Trust and safety".
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+HEALTH_TIMEOUT_S = 5.0
+
+
 def _quiet_mlflow() -> None:
     for name in ("mlflow", "alembic", "sqlalchemy"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for key, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def check_server(tracking_uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
+    """An ``http(s)://`` tracking server answers within ``timeout`` seconds (any HTTP status but a proxy's
+    502/503/504 for a server behind it that is down), else one line naming it (``BenchError``). Other stores
+    (sqlite, files, Databricks) are not probed."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    health = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout):
+            return
+    except (urllib.error.URLError, OSError) as err:
+        if isinstance(err, urllib.error.HTTPError) and err.code not in (502, 503, 504):
+            return  # it answered (e.g. 401 behind basic auth): reachable
+        reason = f"HTTP {err.code}" if isinstance(err, urllib.error.HTTPError) else getattr(err, "reason", err)
+        raise BenchError(
+            f"MLflow tracking server {tracking_uri} cannot be reached ({reason}); check that it runs and that "
+            f"{health} answers from this machine, or unset MLFLOW_TRACKING_URI / --tracking-uri for the local "
+            "sqlite store"
+        ) from None
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` tracking URI, else None."""
     return Path(tracking_uri[len("sqlite:///") :]) if tracking_uri.startswith("sqlite:///") else None
+
+
+@contextmanager
+def store_lock(db: Path | None) -> Iterator[None]:
+    """Hold ``<db>.lock`` while the sqlite store is created or migrated and the experiment created: MLflow
+    builds the schema on first use, and two processes doing it at once on a fresh file fail (a
+    ``CircularDependencyError``, an alembic version mismatch). A tracking server (``db`` None) needs none."""
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(db.with_name(db.name + ".lock")):
+        yield
 
 
 def enable_wal(db: Path) -> None:
@@ -82,23 +139,23 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri
-        db = sqlite_path(tracking_uri)
-        if db is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        exp = with_retry(lambda: self.client.get_experiment_by_name(experiment))
-        if exp is None:
-            location = (artifact_root / experiment).resolve().as_uri()
-            try:
-                self.experiment_id = with_retry(lambda: self.client.create_experiment(experiment, location))
-            except Exception:  # created concurrently by another process
-                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
         self.experiment = experiment
-        self._mark_experiment_kind(exp)
-        if db is not None:  # the tables exist now
-            enable_wal(db)
+        check_server(tracking_uri)
+        db = sqlite_path(tracking_uri)
+        with store_lock(db):
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            exp = with_retry(lambda: self.client.get_experiment_by_name(experiment))  # creates the store
+            if exp is None:
+                location = (artifact_root / experiment).resolve().as_uri()
+                try:
+                    self.experiment_id = with_retry(lambda: self.client.create_experiment(experiment, location))
+                except Exception:  # a tracking server: created concurrently by another process
+                    self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+            else:
+                self.experiment_id = exp.experiment_id
+            self._mark_experiment_kind(exp)
+            if db is not None:  # the tables exist now
+                enable_wal(db)
 
     def _mark_experiment_kind(self, exp) -> None:
         """Tag the experiment as model training (MLflow 3's ``mlflow.experimentKind``). MLflow 3.17's UI reads it

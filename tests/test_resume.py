@@ -90,7 +90,7 @@ def kill_mid_run(suite_file: Path, results: Path, log: Path) -> tuple[float, dic
     status = statuses(results)
     done = {d.name: (d / "student.pt").stat().st_mtime for d in run_dirs(results) if status.get(d.name) == "FINISHED"}
     epochs = {
-        d.name: torch.load(d / "checkpoint.pt", weights_only=False)["epoch"]
+        d.name: torch.load(d / "checkpoint.pt", weights_only=True)["epoch"]
         for d in run_dirs(results)
         if (d / "checkpoint.pt").exists() and status.get(d.name) == "RUNNING"
     }

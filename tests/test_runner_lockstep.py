@@ -152,7 +152,7 @@ def test_interrupted_group_resumes_each_run_from_its_own_checkpoint(separate, tm
     with pytest.raises(KeyboardInterrupt):
         execute(specs, ws, teacher, None, on_epoch=interrupt)
     assert {r.status for s in specs for r in tracker.runs_for(s.hash)} == {KILLED}
-    epochs = [torch.load(suite_dir(options, the_suite) / "runs" / s.hash / "checkpoint.pt", weights_only=False)["epoch"]
+    epochs = [torch.load(suite_dir(options, the_suite) / "runs" / s.hash / "checkpoint.pt", weights_only=True)["epoch"]
               for s in specs]  # fmt: skip
     assert epochs == [2, 1, 1]
     report = run_suite(the_suite, options, log=lambda _: None)

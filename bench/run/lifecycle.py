@@ -37,14 +37,14 @@ from bench.data import Splits, describe_loader, run_indices
 from bench.engine import History, atomic_save, build_task, keep_freed_host_memory, seed_everything
 from bench.errors import BenchError
 from bench.lockstep import fit_lockstep
-from bench.locks import exclusive_lock
+from bench.locks import exclusive_lock, held_elsewhere
 from bench.models import create_model
 from bench.plugins import provenance
 from bench.provenance import dataset_inputs, run_note, run_tags, scale_tags
 from bench.run.jobs import SKIPPED, Outcome, teacher_specs
 from bench.run.options import RunOptions
 from bench.suites import RunSpec
-from bench.teachers import TeacherRecord, ensure_teacher, load_teacher, read_state_dict
+from bench.teachers import TeacherRecord, ensure_teacher, load_teacher
 from bench.tracking import FAILED, FINISHED, KILLED, EpochLogger, Tracker, summary_metric_names
 from methods import MethodContext, build_hparams, get_method
 
@@ -77,6 +77,11 @@ def spec_lock(run_dir: Path, log: Callable[[str], None] = print) -> Iterator[Non
     with exclusive_lock(run_dir / "lock", lambda: log(f"{run_dir.name}: another live process runs this spec; "
                                                       "waiting for it")):  # fmt: skip
         yield
+
+
+def spec_held(run_dir: Path) -> bool:
+    """Whether a live process runs the spec of ``run_dir`` now (holds its :func:`spec_lock`)."""
+    return held_elsewhere(run_dir / "lock")
 
 
 class Run:
@@ -282,8 +287,6 @@ def prepare_teachers(specs: list[RunSpec], splits: Splits, options: RunOptions, 
     for tspec in teacher_specs(specs):
         t0 = time.perf_counter()
         try:
-            if tspec.checkpoint is not None:
-                read_state_dict(tspec.checkpoint)  # fail early with a clear message
             records[tspec.hash] = ensure_teacher(tspec, splits, options.results_dir, device, options.progress,
                                                  teacher_dir=options.teacher_dir)  # fmt: skip
             log(f"teacher {tspec.model} [{tspec.hash}]: test top-1 {records[tspec.hash].top1:.2f} "

@@ -1,15 +1,19 @@
 """The local executor: the jobs one after another in this process (debugging, pdb, tqdm bars; the API's
-default). ``--cpus-per-run`` sets the torch threads. It never imports Ray.
+default). ``--cpus-per-run`` sets the torch threads. It never imports Ray. A job another ``bench run`` is running
+on the same results folder is put off to the end (:func:`others_last`).
 
 Not here: how a job executes (``bench.run.lifecycle``), the Ray executor (``bench.run.ray``).
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Iterator
+
 import torch
 
 from bench.engine import pick_device
-from bench.run.jobs import Outcome, Workload, job_specs, plan_jobs
-from bench.run.lifecycle import Workspace, execute as execute_job, prepare_teachers
+from bench.run.jobs import Job, Outcome, Workload, job_specs, plan_jobs
+from bench.run.lifecycle import Workspace, execute as execute_job, prepare_teachers, spec_held
 from bench.run.options import share_teacher, suite_dir, torch_threads
 from bench.run.progress import Progress
 
@@ -25,7 +29,7 @@ def execute(work: Workload, progress: Progress) -> list[Outcome]:
                        suite_dir(options, work.suite) / "runs", work.log)  # fmt: skip
         teachers, teacher_errors = prepare_teachers(work.specs, ws.splits, options, ws.device, work.log)
         outcomes: dict[str, Outcome] = {}
-        for job in plan_jobs(work.specs, share_teacher(work.suite, options)):
+        for job in others_last(plan_jobs(work.specs, share_teacher(work.suite, options)), ws.run_root):
             specs = job_specs(job)
             tkey = specs[0].teacher_spec.hash if specs[0].teacher_spec else None
             for spec in specs:
@@ -37,3 +41,16 @@ def execute(work: Workload, progress: Progress) -> list[Outcome]:
         return [outcomes[s.hash] for s in work.specs]
     finally:
         torch.set_num_threads(threads_before)
+
+
+def others_last(jobs: list[Job], run_root: Path) -> Iterator[Job]:
+    """The jobs in order, except that one a live process (another ``bench run``) holds when its turn comes waits
+    until the end (once): two invocations on one results folder share the work instead of queueing behind each
+    other. Whatever is still held at the end is waited for, and skipped if it finished meanwhile."""
+    later = []
+    for job in jobs:
+        if any(spec_held(run_root / spec.hash) for spec in job_specs(job)):
+            later.append(job)
+        else:
+            yield job
+    yield from later

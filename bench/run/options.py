@@ -13,7 +13,7 @@ from bench.engine import FastPaths, pick_device
 from bench.errors import BenchError
 from bench.provenance import Invocation
 from bench.suites import Suite
-from bench.teachers import use_published_teachers
+from bench.teachers import read_state_dict, use_published_teachers
 from bench.tracking import Tracker, default_tracking_uri
 
 EXECUTORS = ("ray", "local")
@@ -63,14 +63,16 @@ def torch_threads(cpus: float) -> int:
 
 
 def check_inputs(suite: Suite, options: RunOptions) -> Splits:
-    """Everything that can be checked before anything is written: data present, checkpoints exist."""
+    """Everything that can be checked before anything is written: data present, checkpoints exist, match a listed
+    sha256 (checked before they are opened) and load without running code (``bench.checkpoints``)."""
     if options.executor not in EXECUTORS:
         raise BenchError(f"unknown executor {options.executor!r} (known: {', '.join(EXECUTORS)})")
     pick_device(options.device)
     splits = load_dataset(suite.dataset, options.data_root, options.download)
     if options.teacher_dir is not None:  # fills pair.teacher_checkpoint from teachers.yaml (before expand)
         use_published_teachers(suite, options.teacher_dir)
-    for pair in suite.pairs:
-        if pair.teacher_checkpoint is not None and not Path(pair.teacher_checkpoint).exists():
-            raise BenchError(f"{suite.path}: teacher checkpoint {pair.teacher_checkpoint} not found")
+    for path in dict.fromkeys(p.teacher_checkpoint for p in suite.pairs if p.teacher_checkpoint is not None):
+        if not Path(path).exists():
+            raise BenchError(f"{suite.path}: teacher checkpoint {path} not found")
+        read_state_dict(path)
     return splits

@@ -17,6 +17,8 @@ import logging
 import math
 import os
 import shutil
+import socket
+import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -32,6 +34,7 @@ from ray.tune.search import Searcher
 from bench.data import data_root, load_dataset
 from bench.errors import BenchError
 from bench.plugins import Carried, carried, ensure
+from bench.locks import shared_lock
 from bench.run.jobs import (
     SKIPPED,
     STOPPED,
@@ -43,13 +46,14 @@ from bench.run.jobs import (
     job_specs,
     plan_jobs,
 )
-from bench.run.lifecycle import Workspace, execute as execute_job, prepare_teachers
+from bench.run.lifecycle import Workspace, execute as execute_job, prepare_teachers, spec_held
 from bench.run.options import RunOptions, share_teacher, suite_dir, torch_threads
 from bench.run.progress import Progress
 from bench.suites import RunSpec, Suite
 from bench.tracking import FAILED, FINISHED, KILLED, RUNNING, Tracker
 
 OBJECT_STORE_BYTES = 128 * 1024**2  # trials exchange only spec lists and metrics
+CONNECT_TIMEOUT_S = 5.0  # a Ray head node that does not accept a connection by then is reported unreachable
 
 
 def quiet_ray() -> None:
@@ -69,20 +73,48 @@ def quiet_ray() -> None:
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
 
 
+def check_cluster(address: str | None) -> None:
+    """The Ray cluster at ``address`` (or ``$RAY_ADDRESS``; none: a fresh local instance, nothing to check)
+    accepts a connection on its head node's port within ``CONNECT_TIMEOUT_S``, else one line (``BenchError``).
+    Called before anything is written; ``ray.init`` itself would retry an absent cluster for minutes."""
+    given = address or os.environ.get("RAY_ADDRESS") or None
+    if given is None or given == "local":
+        return
+    where = f"Ray cluster {given}" + ("" if address else " (RAY_ADDRESS)")
+    if given.startswith("ray://"):
+        raise BenchError(
+            f"Ray Client addresses ({given}) are not supported: Tune would run this driver's loop remotely. Run "
+            "the command on a node of the cluster (RAY_ADDRESS=auto) or submit it with `ray job submit`"
+        )
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        resolved = canonicalize_bootstrap_address(given)  # "auto": the cluster `ray start` left on this node
+    except Exception as err:
+        raise BenchError(f"{where}: not an address Ray understands (host:port or auto): {err}") from None
+    if resolved is None:
+        raise BenchError(f"{where}: no Ray cluster was started on this node; start one (`ray start --head`) and "
+                         "check it with `ray status`, or unset RAY_ADDRESS to run on a fresh local instance")  # fmt: skip
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise BenchError(f"{where} cannot be reached at {resolved} ({reason}); check that it is up (`ray status` "
+                         f"on its head node) and that this machine reaches port {port}")  # fmt: skip
+
+
 @contextmanager
 def ray_session(address: str | None = None) -> Iterator[None]:
-    """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a fresh private local Ray instance (never
-    one left over by a killed run); shut it down afterwards. An already initialised Ray is reused."""
+    """Connect to ``address`` (or ``$RAY_ADDRESS``; checked first: :func:`check_cluster`), else start a fresh
+    private local Ray instance (never one left over by a killed run); shut it down afterwards. An already
+    initialised Ray is reused."""
     quiet_ray()
     if ray.is_initialized():
         yield
         return
+    check_cluster(address)
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address.startswith("ray://"):
-        raise BenchError(
-            f"Ray Client addresses ({address}) are not supported: Tune would run this driver's loop remotely. Run "
-            "the command on a node of the cluster (RAY_ADDRESS=auto) or submit it with `ray job submit`"
-        )
     common: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if address:
         ray.init(address=address, **common)
@@ -345,41 +377,56 @@ def tune_jobs(
 
     A trial that crashed (its worker died) or was interrupted leaves its MLflow run RUNNING; it is ended
     FAILED (crash) or KILLED (Ctrl-C) here so that the tables show it, and resumes on the next run."""
-    storage.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(storage / name, ignore_errors=True)
     seen: dict[str, dict] = {}
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(tune_trial, ctx=ctx), resources),
-        param_space=param_space,
-        tune_config=tune.TuneConfig(reuse_actors=True, **tune_config),
-        run_config=tune.RunConfig(
-            name=name, storage_path=str(storage.resolve()), verbose=0,
-            callbacks=[_progress_callback(ctx, progress, seen)],
-            failure_config=tune.FailureConfig(max_failures=0),
-        ),
-    )  # fmt: skip
-    try:
-        tuner.fit()
-    except KeyboardInterrupt:
-        if tracker is not None and progress is not None:
-            ray.shutdown()  # the trials stop before their runs are marked
-            for key in list(progress.running):
-                _end_unfinished(tracker, key, KILLED, "interrupted")
-        raise
+    with tune_folder(storage, name) as folder:
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(tune_trial, ctx=ctx), resources),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(reuse_actors=True, **tune_config),
+            run_config=tune.RunConfig(
+                name=folder.name, storage_path=str(storage.resolve()), verbose=0,
+                callbacks=[_progress_callback(ctx, progress, seen)],
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )  # fmt: skip
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:
+            if tracker is not None and progress is not None:
+                ray.shutdown()  # the trials stop before their runs are marked
+                for key in list(progress.running):
+                    _end_unfinished(tracker, key, KILLED, "interrupted")
+            raise
     outcomes = {}
     for key, trial in seen.items():
         outcome = _outcome(key, trial["last"], trial["config"])
         if "kdb_status" not in trial["last"] and "error" in trial:
-            if tracker is not None and not key.startswith("teacher:"):
+            if tracker is not None and not key.startswith("teacher:") and not spec_held(ctx.run_root / key):
                 _end_unfinished(tracker, key, FAILED, trial["error"])
             outcome = replace(outcome, status=FAILED, error=trial["error"])
-        elif "kdb_status" not in trial["last"] and tracker is not None:  # stopped early: KILLED (resumable)
-            _end_unfinished(tracker, key, KILLED, "stopped early by the Tune scheduler")
+        elif "kdb_status" not in trial["last"] and tracker is not None and not spec_held(ctx.run_root / key):
+            _end_unfinished(tracker, key, KILLED, "stopped early by the Tune scheduler")  # resumable
         outcomes[key] = outcome
     return outcomes
 
 
+@contextmanager
+def tune_folder(storage: Path, name: str) -> Iterator[Path]:
+    """A Tune experiment folder of this invocation alone (``storage/<name>-XXXX``): two ``bench run`` on one
+    results folder each have theirs. The folders of invocations that ended are removed by the next one that
+    starts while no other is running (each holds ``storage/<name>.lock`` shared while it runs)."""
+
+    def remove_ended() -> None:
+        for old in [storage / name, *storage.glob(f"{name}-*")]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    storage.mkdir(parents=True, exist_ok=True)
+    with shared_lock(storage / f"{name}.lock", remove_ended):
+        yield Path(tempfile.mkdtemp(prefix=f"{name}-", dir=storage))
+
+
 def _end_unfinished(tracker: Tracker, spec_hash: str, status: str, reason: str) -> None:
+    """End the spec's RUNNING run (callers leave alone a spec another live ``bench run`` holds: ``spec_held``)."""
     for run in tracker.runs_for(spec_hash):
         if run.status == RUNNING:
             tracker.end(run.run_id, status, reason)

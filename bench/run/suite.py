@@ -1,7 +1,7 @@
 """Running a suite: ``run_suite`` is what ``python -m bench run`` and ``make reproduce-tables`` call.
 
-It checks the inputs (nothing is written before), expands the suite into run specs, skips the finished ones
-(MLflow holds each spec's hash), and hands the pending ones to an executor: ``ray`` (``bench.run.ray``, the
+It checks the inputs (nothing is written before; a Ray cluster or tracking server that does not answer is one
+line, exit 2), expands the suite into run specs, skips the finished ones (MLflow holds each spec's hash), and hands the pending ones to an executor: ``ray`` (``bench.run.ray``, the
 CLI's default; imported only when chosen) or ``local`` (``bench.run.local``). Progress events from either
 feed one line per suite (``bench.run.progress``). Ctrl-C: the runs in flight are ended KILLED by the
 lifecycle or the Ray executor, and the CLI says how to resume.
@@ -10,6 +10,7 @@ Not here: a run's lifecycle (``bench.run.lifecycle``), the tables (``bench.repor
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field, replace
 
@@ -39,6 +40,10 @@ def live_output(options: RunOptions) -> bool:
 
 def run_suite(suite: Suite, options: RunOptions, log=print) -> SuiteReport:
     splits = check_inputs(suite, options)
+    if options.executor == "ray" and (options.address or os.environ.get("RAY_ADDRESS")):
+        from bench.run.ray import check_cluster  # a cluster that is not there: exit 2 before anything is written
+
+        check_cluster(options.address)
     device = pick_device(options.device)
     tracker = make_tracker(suite, options)
     specs = expand(suite)
@@ -71,6 +76,7 @@ def run_suite(suite: Suite, options: RunOptions, log=print) -> SuiteReport:
         progress.close()
         if options.invocation is not None:
             options.invocation.wait()
-    for outcome in outcomes:
-        (report.finished if outcome.status in (FINISHED, SKIPPED) else report.failed).append(outcome.key)
+    for outcome in outcomes:  # SKIPPED here: finished meanwhile by another process
+        bucket = {FINISHED: report.finished, SKIPPED: report.skipped}.get(outcome.status, report.failed)
+        bucket.append(outcome.key)
     return report

@@ -54,6 +54,7 @@ def run_sweep(suite: Suite, options: RunOptions, log=print) -> SweepReport:
     sweep = parse_sweep(suite)
     settings = sweep.settings
     splits = check_inputs(suite, options)
+    ray_executor.check_cluster(options.address)  # before anything is written
     device = pick_device(options.device)
     tracker = make_tracker(suite, options, experiment=f"{suite.name}-sweep")
     main_tracker = make_tracker(suite, options)
