@@ -61,6 +61,37 @@ def test_a_torchvision_resnet_keeps_its_keys_and_outputs_and_runs_stage_by_stage
     assert torch.equal(net(x), other(x))  # the wrapper runs its own (loaded) parameters
 
 
+def test_pre_activation_stage_outputs_are_the_final_relus_inputs():
+    """A torchvision ResNet's stage ends in its last block's ReLU (one module called twice per block, in place):
+    the pre-activation is that call's input, the last block's own bn2(conv2(.)) + shortcut, written out here."""
+    torch.manual_seed(0)
+    module = torchvision.models.resnet18(num_classes=10).eval()
+    net = wrap_module(module, RESNET18["stages"]).eval()
+    x = torch.randn(2, 3, 48, 48)
+    feats = net.forward_features(x, preact=True)
+    assert len(feats.preact_stages) == 4 and net.forward_features(x).preact_stages == []
+    h = net.forward_stem(x)  # the identity: the stem is part of stage 0
+    m = module.maxpool(module.relu(module.bn1(module.conv1(x))))  # layer1's input, for the hand-written blocks
+    for i, layer in enumerate((module.layer1, module.layer2, module.layer3, module.layer4)):
+        *first, last = layer
+        inner = nn.Sequential(*first)(m) if first else m
+        shortcut = last.downsample(inner) if last.downsample is not None else inner
+        expected = last.bn2(last.conv2(last.relu(last.bn1(last.conv1(inner))))) + shortcut
+        torch.testing.assert_close(feats.preact_stages[i], expected, rtol=0, atol=1e-5)
+        assert torch.equal(torch.relu(feats.preact_stages[i]), feats.stages[i])
+        out, pre = net.forward_stage_preact(i, h)
+        assert torch.equal(out, feats.stages[i]) and torch.equal(pre, feats.preact_stages[i])
+        assert torch.equal(net.activate(i, pre), out)
+        h = m = out
+    assert feats.preact_stages[0].min() < 0  # really before the ReLU
+
+
+def test_a_stage_without_a_final_activation_is_its_own_pre_activation():
+    net = wrap_module(Skip(), ["a", "b", "c"]).eval()
+    feats = net.forward_features(torch.randn(2, 1, 8, 8), preact=True)
+    assert all(p is s for p, s in zip(feats.preact_stages, feats.stages))
+
+
 @pytest.mark.parametrize("name, stages, feature", [
     ("resnet18", ["layer1", "layer2", "layer3", "layer4"], None),
     ("vit_tiny_patch16_224", ["blocks.3", "blocks.7", "blocks.11"], "fc_norm"),  # token stages; extra forward args

@@ -99,7 +99,7 @@ def test_dot_and_ctkd_runs_give_the_same_result_with_the_teacher_cache_and_in_lo
         fit(method, task, recipe)
         alone.append(state(method))
     cached, task = make(splits, teacher_state, "kd+dot", recipe, cache=True)
-    history = fit(cached, task, recipe)
+    history = cached.fit(task, recipe)  # Method.fit hands the engine the teacher cache
     assert history.teacher_cache.status == "on" and history.teacher_cache.hits > 0
     assert_equal_states(state(cached), alone[0])
     teacher = create_model("resnet8", 10, 1)

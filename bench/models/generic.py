@@ -10,6 +10,9 @@ graph we generate Python code that looks its modules up on the wrapper at call t
 ``state_dict`` keys are the module's own (a checkpoint of the bare module loads as it is), ``.to()`` and module
 surgery (GPD) act on what the code runs. ``forward_features`` runs the whole graph once. timm models trace too
 (a ViT's stages are its token maps; forward arguments other than the images take their defaults).
+Pre-activation stage outputs (``forward_features(x, preact=True)``): where an activation module inside a stage
+returned the stage output (found by the construction probe), its input; else the stage output itself
+(``bench.models.activations``).
 
 Stage by stage (StableKD feeds a student stage the teacher's previous stage output): the graph is cut at the
 stage outputs into stage 0 (the stem is part of it; ``forward_stem`` is the identity), stages 1..K-1, the pooling
@@ -40,6 +43,7 @@ from torch import Tensor, nn
 
 from bench.config import from_mapping
 from bench.errors import BenchError, DuplicateName
+from bench.models.activations import activate, activation_leaves, preact_of, producer, recording_activations
 from bench.models.base import Features, StagedNet
 from bench.models.registry import register_model
 
@@ -259,6 +263,7 @@ class ModuleNet(StagedNet):
                  in_channels: int | None = None) -> None:  # fmt: skip
         super().__init__()
         self.label = label
+        self.stage_names = list(stages)
         own = set(dir(self))
         for name, child in module.named_children():
             self._adopt(name, own, lambda: self.add_module(name, child))
@@ -315,7 +320,8 @@ class ModuleNet(StagedNet):
             for size in PROBE_SIZES:
                 x = torch.zeros(1, in_channels, size, size, dtype=param.dtype if param is not None else None)
                 try:
-                    out = self._plans[False].full(self, x)
+                    with recording_activations(self, self._activation_candidates()) as calls:
+                        out = self._plans[False].full(self, x)
                     reference = module(x)
                 except Exception as err:
                     errors.append(f"{size}px: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
@@ -335,6 +341,8 @@ class ModuleNet(StagedNet):
                              f"{x.shape[-1]}px; name the pooled node (a (C,) or (C, 1, 1) output)")  # fmt: skip
         self._feature_shape = tuple(feature.shape[1:])
         stages = [value for key, value in out.items() if key.startswith("stage")]
+        finals = [producer(stage, calls) for stage in stages]
+        self._stage_acts = [call[0] if call is not None else None for call in finals]
         self.stage_channels = [int(s.shape[1]) if s.dim() == 4 else int(s.shape[-1]) for s in stages]
         self.feature_dim = int(feature[0].numel())
         self.num_classes = int(reference.shape[-1])
@@ -349,8 +357,18 @@ class ModuleNet(StagedNet):
             logits=out["logits"],
         )
 
-    def forward_features(self, x: Tensor) -> Features:
-        return self.features_from(self._plans[self.training].full(self, x))
+    def _activation_candidates(self) -> list[str]:
+        return [name for stage in self.stage_names for name in activation_leaves(self, stage)]
+
+    def forward_features(self, x: Tensor, preact: bool = False) -> Features:
+        """One pass of the traced graph; with ``preact``, each stage's pre-activation output too: the input of the
+        activation module that returned the stage output (found at construction), else the output itself."""
+        if not preact:
+            return self.features_from(self._plans[self.training].full(self, x))
+        with recording_activations(self, [n for n in self._stage_acts if n is not None]) as calls:
+            features = self.features_from(self._plans[self.training].full(self, x))
+        features.preact_stages = [preact_of(stage, calls) for stage in features.stages]
+        return features
 
     def forward(self, x: Tensor) -> Tensor:
         return self._plans[self.training].full(self, x)["logits"]
@@ -366,6 +384,14 @@ class ModuleNet(StagedNet):
 
     def forward_stage(self, index: int, x: Tensor) -> Tensor:
         return self._piece(index)(self, x)
+
+    def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        with recording_activations(self, [n for n in self._stage_acts[index : index + 1] if n is not None]) as calls:
+            out = self.forward_stage(index, x)
+        return out, preact_of(out, calls)
+
+    def activate(self, index: int, preact: Tensor) -> Tensor:
+        return activate(self, self._stage_acts[index], preact)
 
     def forward_pool(self, x: Tensor) -> Tensor:
         return self._piece(self.num_stages)(self, x).flatten(1)

@@ -35,13 +35,11 @@ import torch
 from torch import Tensor, nn
 
 from bench.errors import BenchError
+from bench.models.activations import ACTIVATIONS, activate, preact_of, recording_activations
 from bench.models.base import StagedNet
 from bench.models.registry import register_prefix
 
 _CHECK_SIZES = (64,)  # tried before the model's own default input size; small keeps construction cheap
-# Modules that count as a stage's final activation (its input is the stage's pre-activation output).
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
-               nn.Hardswish)  # fmt: skip
 
 
 def _units_for(model: nn.Module, targets: list[str]) -> list[str] | None:
@@ -187,24 +185,12 @@ class TimmStagedNet(StagedNet):
         if name is None:
             out = self.forward_stage(index, x)
             return out, out
-        inputs: list[Tensor] = []
-
-        def grab(module: nn.Module, args: tuple) -> None:  # the last call is the stage's final activation
-            inputs.append(args[0].clone() if getattr(module, "inplace", False) else args[0])
-
-        handle = self.model.get_submodule(name).register_forward_pre_hook(grab)
-        try:
+        with recording_activations(self.model, [name]) as calls:
             out = self.forward_stage(index, x)
-        finally:
-            handle.remove()
-        return out, inputs[-1]
+        return out, preact_of(out, calls)
 
     def activate(self, index: int, preact: Tensor) -> Tensor:
-        name = self._stage_acts[index]
-        if name is None:
-            return preact
-        act = self.model.get_submodule(name)
-        return act(preact.clone() if getattr(act, "inplace", False) else preact)
+        return activate(self.model, self._stage_acts[index], preact)
 
     def forward_pool(self, x: Tensor) -> Tensor:
         if self.split == "stages":
