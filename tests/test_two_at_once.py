@@ -60,7 +60,7 @@ def table_of(stdout: str) -> str:
 def check_two(tmp_path: Path, suite: Path, procs, repeats: int) -> None:
     logs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
-    specs = expand(parse_suite(yaml.safe_load(suite.read_text()), str(suite)))
+    specs = expand(parse_suite(yaml.safe_load(suite.read_text()), suite))
     for i in range(repeats):
         results = [json.loads((tmp_path / f"rep{i}-{me}.json").read_text()) for me in "ab"]
         assert [r["code"] for r in results] == [0, 0], (i, logs)
