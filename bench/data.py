@@ -6,6 +6,11 @@ batch-wise there (``TensorLoader``): no per-sample PIL work, no worker processes
 
 Both loaders draw their order and augmentation from a generator seeded by ``(seed, epoch)``, so an epoch
 replays identically after a resume without saving any data-loader state.
+
+With ``shard=(rank, world)`` a loader is one of ``world`` data-parallel workers' (``bench.distributed``): for
+training it draws the same order as one process and yields its contiguous share of every batch (``batch_size``
+is the global batch; a ``TensorLoader`` also draws the augmentation of the whole batch, so the shards together
+are exactly one process's batch), for evaluation a contiguous block of the split.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench.errors import BenchError
+from bench.sharding import ShardedBatches, check_shard, shard_bounds
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -269,17 +275,23 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+def crop_flip_draws(b: int, padding: int, flip: bool, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The per-sample offsets (2, b) and flips (b,) of :func:`random_crop_flip`, drawn from ``generator``."""
+    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator)
+    return offsets, torch.rand(b, generator=generator) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
+
+
 def random_crop_flip(
-    images: Tensor, padding: int, flip: bool, generator: torch.Generator
+    images: Tensor, padding: int, flip: bool, generator: torch.Generator, draws: tuple[Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Batched ``RandomCrop(size, padding)`` (+ ``RandomHorizontalFlip``) on a (B, C, H, W) batch.
 
     Zero padding, as torchvision's default. Returns the batch and the per-sample offsets (dy, dx) and
-    flips drawn from ``generator`` (CPU), so a test can replay them with torchvision per sample.
+    flips drawn from ``generator`` (CPU), so a test can replay them with torchvision per sample; ``draws``:
+    given ones instead (a worker's rows of a batch's draws).
     """
     b, c, h, w = images.shape
-    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator)
-    flips = torch.rand(b, generator=generator) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
+    offsets, flips = draws if draws is not None else crop_flip_draws(b, padding, flip, generator)
     padded = F.pad(images, (padding, padding, padding, padding))
     dev = images.device
     rows = (offsets[0][:, None] + torch.arange(h)).to(dev)  # (B, H)
@@ -312,6 +324,7 @@ class TensorLoader:
         seed: int,
         device: torch.device | str,
         resident: bool = True,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         idx = torch.as_tensor(indices if indices is not None else np.arange(len(data)), dtype=torch.long)
         self.device = torch.device(device)
@@ -326,25 +339,36 @@ class TensorLoader:
         self.epoch = 0
         self.with_indices = False
         self.last_index: Tensor | None = None  # CPU positions (0..num_samples-1) of the last yielded batch
+        self.rank, self.world = shard or (0, 1)
+        self.batch_weight = 1.0  # this worker's share of the last global batch × world (1.0 when it splits evenly)
+        check_shard(self.num_samples, batch_size, self.world, train)
+        # evaluation on several workers: a contiguous block of the split each
+        self.block = shard_bounds(self.num_samples, self.rank, self.world) if not train else (0, self.num_samples)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(len(self.targets) / self.batch_size)
+        return math.ceil((self.block[1] - self.block[0]) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         n = len(self.targets)
         gen = epoch_generator(self.seed, self.epoch)
         positions = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
         order = positions.to(self.device) if self.train else None
-        for start in range(0, n, self.batch_size):
-            self.last_index = positions[start : start + self.batch_size]
-            sel = order[start : start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+        for first in range(self.block[0], self.block[1], self.batch_size):
+            size = min(self.batch_size, self.block[1] - first)
+            lo, hi = shard_bounds(size, self.rank, self.world) if self.train else (0, size)
+            start, stop = first + lo, first + hi
+            self.batch_weight = (hi - lo) * self.world / size if self.train else 1.0
+            self.last_index = positions[start:stop]
+            sel = order[start:stop] if order is not None else slice(start, stop)
             rows = self.images[sel] if self.resident else self.images[self.last_index].to(self.device)
             x = rows.float().div_(255)
             if self.train and self.augment != "none":
-                x = random_crop_flip(x, self.padding, self.augment == "crop_flip", gen)[0]
+                flip = self.augment == "crop_flip"
+                draws = [d[..., lo:hi] for d in crop_flip_draws(size, self.padding, flip, gen)]
+                x = random_crop_flip(x, self.padding, flip, gen, draws)[0]
             batch = ((x - self.mean) / self.std, self.targets[sel])
             if self.with_indices:
                 index = sel if order is not None else torch.arange(n, device=self.device)[sel]
@@ -366,6 +390,7 @@ class FolderLoader:
         seed: int,
         device: torch.device | str,
         workers: int | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         from torchvision import transforms as T
 
@@ -384,14 +409,24 @@ class FolderLoader:
         self.num_samples = len(dataset)
         self.device = torch.device(device)
         self.generator = torch.Generator()
-        self.seed, self.train = seed, train
+        self.seed, self.train, self.batch_size = seed, train, batch_size
+        self.rank, self.world = shard or (0, 1)
+        self.batch_weight = 1.0  # as TensorLoader's
+        check_shard(self.num_samples, batch_size, self.world, train)
+        batches = None  # the DataLoader's own (one process)
+        if self.world > 1 and train:  # one process's batches (same sampler, same generator), this worker's rows
+            sampler = torch.utils.data.RandomSampler(dataset, generator=self.generator)
+            batches = ShardedBatches(torch.utils.data.BatchSampler(sampler, batch_size, False), self.rank, self.world)
+        elif self.world > 1:
+            dataset = torch.utils.data.Subset(dataset, range(*shard_bounds(self.num_samples, self.rank, self.world)))
         # default: as many workers as this process's CPU share (its torch threads: --cpus-per-run, a Ray
         # trial's CPUs, else the machine's cores), at most 8
         workers = min(8, torch.get_num_threads()) if workers is None else workers
         self.loader = torch.utils.data.DataLoader(
             dataset,
-            batch_size=batch_size,
-            shuffle=train,
+            batch_size=batch_size if batches is None else 1,
+            shuffle=train and batches is None,
+            batch_sampler=batches,
             generator=self.generator,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -405,7 +440,9 @@ class FolderLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
-        for x, y, index in self.loader:
+        for i, (x, y, index) in enumerate(self.loader):
+            if self.train and self.world > 1:
+                self.batch_weight = len(y) * self.world / min(self.batch_size, self.num_samples - i * self.batch_size)
             batch = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
             yield (*batch, index.to(self.device, non_blocking=True)) if self.with_indices else batch
 
@@ -444,12 +481,13 @@ def make_loader(
     seed: int,
     device: torch.device | str,
     device_data: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> Loader:
     """A ``TensorLoader`` for a tensor split (on the device unless ``device_data`` is false), else a
-    ``FolderLoader``."""
+    ``FolderLoader``; ``shard``: (rank, world) of a data-parallel worker (module docstring)."""
     if augment not in AUGMENTATIONS + ("auto",):
         raise BenchError(f"unknown augment {augment!r} (known: auto, {', '.join(AUGMENTATIONS)})")
     augment = info.default_augment if augment == "auto" else augment
     if isinstance(data, TensorImages):
-        return TensorLoader(data, info, indices, batch_size, train, augment, seed, device, resident=device_data)
-    return FolderLoader(data, info, indices, batch_size, train, augment, seed, device)
+        return TensorLoader(data, info, indices, batch_size, train, augment, seed, device, device_data, shard)
+    return FolderLoader(data, info, indices, batch_size, train, augment, seed, device, shard=shard)

@@ -8,7 +8,8 @@ optimizer, scheduler, RNG states, history), from which an interrupted run resume
 Here too: the ``Recipe``, the ``Task`` a method trains on (``build_task``) and the speed switches that change
 no result (``FastPaths``). Not here: who builds runs and logs them (``bench.run``), the teacher-output cache
 (``bench.teacher_cache``, which takes part through the narrow :class:`TeacherOutputs` hook), several runs on
-shared batches (``bench.lockstep``). The engine imports none of its callers.
+shared batches (``bench.lockstep``), data-parallel workers (``bench.distributed``, through the narrow
+:class:`Distributed` hook on ``Task.distributed``). The engine imports none of its callers.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -52,6 +53,17 @@ class Recipe:
     amp: bool = False  # bf16 autocast of the forward passes (teacher, student, losses) and evaluation
     channels_last: bool = False  # NHWC memory format for the models and the input batches
     compile: bool = False  # torch.compile of the method's training forward (``forward_train``)
+    # SyncBatchNorm across a run's data-parallel workers (--workers-per-run); None: on when there are several.
+    # batch_size is the global batch, so N workers with synced BatchNorm train one process's protocol.
+    sync_bn: bool | None = None
+    # fields left out of a run's hash and params while at this value (added later: old runs keep their hash)
+    HASH_NEUTRAL: ClassVar[dict[str, Any]] = {"sync_bn": None}
+
+    def identity(self) -> dict[str, Any]:
+        """The fields as they enter a run's hash and params (``HASH_NEUTRAL`` ones left out at their value)."""
+        from bench.config import to_dict
+
+        return {k: v for k, v in to_dict(self).items() if self.HASH_NEUTRAL.get(k, ...) != v}
 
     def validate(self, where: str) -> None:
         from bench.data import AUGMENTATIONS
@@ -85,6 +97,7 @@ class Task:
     # Cache a frozen offline teacher's per-sample outputs where that cannot change the result
     # (bench.teacher_cache). Not a recipe field: it changes no result, so it is not part of a run's hash.
     teacher_cache: bool = False
+    distributed: "Distributed | None" = None  # this process is one of several data-parallel workers
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,23 @@ class TeacherOutputs(Protocol):
     def bind(self, x: torch.Tensor, index: torch.Tensor | None) -> None: ...
 
     def report(self) -> Any: ...
+
+
+class Distributed(Protocol):
+    """How one run trains on ``world_size`` data-parallel workers (``bench.distributed.TorchDistributed``): each
+    worker's loaders yield its share of every batch; ``forward_train`` goes through ``wrap`` (DDP), ``after_backward``
+    runs once the gradients are averaged, loss sums are averaged (``mean``), each split is predicted in shards and
+    concatenated (``gather``) after ``sync_buffers`` (rank 0's BatchNorm statistics); rank 0 checkpoints."""
+
+    world_size: int
+    rank: int
+
+    def wrap(self, method: nn.Module, forward_train: Callable[..., Any]) -> Callable[..., Any]: ...
+    def after_backward(self) -> None: ...
+    def mean(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def gather(self, rows: torch.Tensor) -> torch.Tensor: ...
+    def sync_buffers(self, module: nn.Module) -> None: ...
+    def gather_object(self, obj: Any) -> list[Any]: ...
 
 
 @dataclass
@@ -217,8 +247,9 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and targets of a whole split (model in eval mode)."""
+def predict(model: nn.Module, loader: Loader, distributed: Distributed | None = None) -> tuple[torch.Tensor, ...]:
+    """Logits and targets of a whole split (model in eval mode); with ``distributed``, every worker predicts its
+    shard of the split and all receive the whole split's (a collective: every worker calls it)."""
     was_training = model.training
     model.eval()
     logits, targets = [], []
@@ -226,14 +257,17 @@ def predict(model: nn.Module, loader: Loader) -> tuple[torch.Tensor, torch.Tenso
         logits.append(model(x).float())
         targets.append(y)
     model.train(was_training)
-    return torch.cat(logits).cpu(), torch.cat(targets).cpu()
+    logits, targets = torch.cat(logits), torch.cat(targets)
+    if distributed is not None:
+        logits, targets = distributed.gather(logits), distributed.gather(targets)
+    return logits.cpu(), targets.cpu()
 
 
-def evaluate_method(method, loader: Loader, split: str) -> dict[str, float]:
+def evaluate_method(method, loader: Loader, split: str, distributed: Distributed | None = None) -> dict[str, float]:
     """Metrics of every model in ``method.eval_models()``, keyed ``<model>_<split>_<metric>``."""
     out = {}
     for prefix, model in method.eval_models().items():
-        logits, targets = predict(model, loader)
+        logits, targets = predict(model, loader, distributed)
         tag = f"{prefix}_{split}" if prefix else split
         out.update({f"{tag}_{k}": v for k, v in classification_metrics(logits, targets).items()})
     return out
@@ -276,7 +310,9 @@ class TrainingRun:
         self.optimizer = make_optimizer(self.params, recipe)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(recipe.milestones), recipe.gamma)
         self.history, self.start = History(), 0
-        seed_everything(task.seed)
+        self.dist = dist = task.distributed
+        rank = dist.rank if dist is not None else 0
+        seed_everything(task.seed + 1_000_003 * rank)  # rank 0 draws what one process draws; the others their own
         ckpt_path = task.checkpoint_path
         if ckpt_path is not None and ckpt_path.exists():
             state = torch.load(ckpt_path, map_location=task.device, weights_only=False)
@@ -285,8 +321,12 @@ class TrainingRun:
             self.scheduler.load_state_dict(state["scheduler"])
             self.history = History(state["history"])
             self.start = state["epoch"]
-            _set_rng_state(state["rng"])
+            ranks = state.get("rng_ranks") or [state["rng"]]  # a worker of another world size keeps its seed
+            if rank < len(ranks):
+                _set_rng_state(ranks[rank])
         self.forward_train = torch.compile(method.forward_train, **COMPILE_OPTIONS) if recipe.compile else method.forward_train
+        if dist is not None:
+            self.forward_train = dist.wrap(method, self.forward_train)
         self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
 
@@ -295,14 +335,20 @@ class TrainingRun:
         self.method.on_epoch_start(epoch)
         self.sums, self.steps = {}, 0
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, *extra: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, *extra: torch.Tensor, weight: float = 1.0) -> None:
         """One optimizer step on a batch (already in the recipe's memory format, see ``prepare_batch``).
-        ``extra``: what the loader yields after ``(x, y)`` (e.g. sample indices), passed to ``forward_train``."""
+        ``extra``: what the loader yields after ``(x, y)`` (e.g. sample indices), passed to ``forward_train``.
+        ``weight``: a data-parallel worker's share of an unevenly split global batch × the number of workers
+        (the loader's ``batch_weight``), so that the averaged gradient is that of the global batch's mean loss."""
         with autocast(self.recipe, self.task.device):
             _, losses = self.forward_train(x, y, *extra)
+            if weight != 1.0:
+                losses = {name: value * weight for name, value in losses.items()}
             loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.dist is not None:
+            self.dist.after_backward()
         if self.recipe.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.params, self.recipe.grad_clip)
         self.optimizer.step()
@@ -314,20 +360,24 @@ class TrainingRun:
     def end_epoch(self, epoch: int, train_s: float) -> dict[str, float]:
         """Epoch metrics, evaluation, hooks and the checkpoint; ``train_s`` is the training phase's time."""
         t0 = time.perf_counter()
-        steps = max(self.steps, 1)
-        train = {f"train_{k}" if k == "loss" else f"train_loss_{k}": float(v) / steps for k, v in self.sums.items()}
+        steps, dist = max(self.steps, 1), self.dist
+        sums = dist.mean(self.sums) if dist is not None else self.sums  # every worker: the global batches' means
+        train = {f"train_{k}" if k == "loss" else f"train_loss_{k}": float(v) / steps for k, v in sums.items()}
         if not math.isfinite(train.get("train_loss", 0.0)):
             raise DivergenceError(f"training loss is {train['train_loss']} at epoch {epoch + 1}")
         metrics = {"epoch": float(epoch + 1), "lr": self.optimizer.param_groups[0]["lr"], **train}
         self.scheduler.step()
+        if dist is not None:
+            dist.sync_buffers(self.method)
         with autocast(self.recipe, self.task.device):
             for split, loader in self.task.eval_loaders.items():
-                metrics.update(evaluate_method(self.method, loader, split))
+                metrics.update(evaluate_method(self.method, loader, split, dist))
         metrics["epoch_s"] = train_s + time.perf_counter() - t0
         self.history.epochs.append(metrics)
         if self.hooks is not None:  # before the checkpoint: a crash in between re-logs the epoch (same step)
             self.hooks.on_epoch_end(epoch, metrics)
-        if self.task.checkpoint_path is not None:
+        rng_ranks = dist.gather_object(_rng_state()) if dist is not None else None
+        if self.task.checkpoint_path is not None and (dist is None or dist.rank == 0):
             atomic_save(
                 {
                     "epoch": epoch + 1,
@@ -336,6 +386,7 @@ class TrainingRun:
                     "scheduler": self.scheduler.state_dict(),
                     "rng": _rng_state(),
                     "history": self.history.epochs,
+                    **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
                 },
                 self.task.checkpoint_path,
             )
@@ -368,7 +419,7 @@ def fit(method, task: Task, recipe: Recipe, hooks: Hooks | None = None,
                     x = prepare_batch(x, recipe)
                     if teacher_outputs is not None:
                         teacher_outputs.bind(x, getattr(loader, "last_index", None))
-                    run.step(x, y, *extra)
+                    run.step(x, y, *extra, weight=getattr(loader, "batch_weight", 1.0))
                 metrics = run.end_epoch(epoch, time.perf_counter() - t0)
                 if bar is not None:
                     top1 = metrics.get("test_top1", float("nan"))
@@ -392,15 +443,19 @@ def build_task(
     teacher_cache: bool = False,
     device_data: bool = True,
     train_loader: Loader | None = None,
+    distributed: Distributed | None = None,
     **task_fields: Any,
 ) -> Task:
     """Loaders for one run: a stratified ``fraction`` of the training pool (after carving the seeded
     validation split when ``recipe.val_fraction`` > 0), the test split, and the validation split.
     ``teacher_cache`` / ``device_data``: the :class:`FastPaths` (``**asdict(fast)``); ``train_loader``: an
-    existing loader of those same batches to use instead (a lockstep group's); ``task_fields``: the other
-    :class:`Task` fields (``checkpoint_path``, ``target_top1``, ``progress``, ``description``)."""
+    existing loader of those same batches to use instead (a lockstep group's); ``distributed``: this process
+    is one of several workers, its loaders yield its share of each batch (``batch_size`` is the global batch);
+    ``task_fields``: the other :class:`Task` fields (``checkpoint_path``, ``target_top1``, ``progress``,
+    ``description``)."""
     from bench.data import fraction_indices, holdout_indices, make_loader
 
+    shard = (distributed.rank, distributed.world_size) if distributed is not None else None
     targets = splits.train.target_array()
     pool, val = holdout_indices(targets, recipe.val_fraction, seed)
     train_idx = pool[fraction_indices(targets[pool], fraction, seed)]
@@ -409,7 +464,7 @@ def build_task(
     def loader(data, indices, train: bool) -> Loader:
         bs = recipe.batch_size if train else recipe.eval_batch_size
         return make_loader(data, info, indices, bs, train, recipe.augment if train else "none", seed, device,
-                           device_data)  # fmt: skip
+                           device_data, shard)  # fmt: skip
 
     eval_loaders = {"test": loader(splits.test, None, False)}
     if len(val):
@@ -420,5 +475,6 @@ def build_task(
         device=device,
         seed=seed,
         teacher_cache=teacher_cache,
+        distributed=distributed,
         **task_fields,
     )

@@ -94,8 +94,16 @@ class TeacherSettings:
 
 @dataclass
 class Resources:
+    """What one run takes: ``workers_per_run`` data-parallel workers (Ray Train; ``recipe.batch_size`` is the global
+    batch, each worker takes ``batch_size / workers_per_run``), each with ``cpus`` CPUs and ``gpus`` GPUs."""
+
     cpus: float = 1.0
     gpus: float = 0.0
+    workers_per_run: int = 1
+
+    def validate(self, where: str) -> None:
+        if self.workers_per_run < 1:
+            raise BenchError(f"{where}.workers_per_run: must be >= 1, got {self.workers_per_run}")
 
 
 @dataclass
@@ -143,7 +151,7 @@ class TeacherSpec:
 
     @property
     def hash(self) -> str:
-        return content_hash(to_dict(self))
+        return content_hash({**to_dict(self), "recipe": self.recipe.identity()})
 
 
 @dataclass(frozen=True)
@@ -173,7 +181,7 @@ class RunSpec:
                 "hparams": self.hparams,
                 "fraction": self.fraction,
                 "seed": self.seed,
-                "recipe": to_dict(self.recipe),
+                "recipe": self.recipe.identity(),
             }
         )
 
@@ -195,7 +203,7 @@ class RunSpec:
             "target_top1": self.target_top1,
         }
         flat.update({f"hp.{k}": v for k, v in self.hparams.items()})
-        flat.update({f"recipe.{k}": v for k, v in to_dict(self.recipe).items()})
+        flat.update({f"recipe.{k}": v for k, v in self.recipe.identity().items()})
         if self.teacher_spec is not None:
             flat["teacher_hash"] = self.teacher_spec.hash
         return flat
@@ -380,6 +388,7 @@ def load_suite(name_or_path: str | Path) -> Suite:
 
 def teacher_spec(suite: Suite, pair: Pair) -> TeacherSpec:
     recipe = from_mapping(Recipe, suite.teacher.recipe, "teacher.recipe", base=suite.recipe)
+    recipe = replace(recipe, sync_bn=None)  # a teacher trains in one process (its own job)
     return TeacherSpec(
         dataset=suite.dataset,
         model=pair.teacher,

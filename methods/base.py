@@ -54,6 +54,11 @@ class Method(nn.Module):
     name: ClassVar[str]
     Hparams: ClassVar[type] = NoHparams
     teacher_mode: ClassVar[TeacherMode] = "offline"
+    # how the method differs when one run trains on several data-parallel workers (tagged ``ddp_note``); ""
+    # = it does not (the global batch is the protocol)
+    ddp_note: ClassVar[str] = ""
+    # some trainable parameters take no part in some steps (DDP must then look for them every step)
+    unused_parameters: ClassVar[bool] = False
 
     def __init__(self, student: StagedNet, teacher: StagedNet | None, hparams, context: MethodContext) -> None:
         super().__init__()
@@ -75,6 +80,11 @@ class Method(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each training epoch (0-based): schedules, warm-ups, block partitions."""
         self.epoch = epoch
+
+    def prepare_distributed(self, distributed, sync_bn: bool) -> None:
+        """Called on every worker of a data-parallel run before training (``bench.distributed.TorchDistributed``,
+        after the BatchNorm layers became SyncBatchNorm when ``sync_bn``): a method with state shared across the
+        batch (CRD's memory bank) or its own gradient or BatchNorm handling (GPD) adapts here."""
 
     def eval_models(self) -> dict[str, nn.Module]:
         """Models evaluated each epoch; "" is the student, whose metrics are the run's result."""
