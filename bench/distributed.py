@@ -11,9 +11,9 @@ each evaluation instead).
 
 SyncBatchNorm (``recipe.sync_bn``, default on for several workers): :func:`convert_sync_batchnorm` turns every
 BatchNorm of the method into ``torch.nn.SyncBatchNorm`` on CUDA; on CPU, where torch's SyncBatchNorm (and DDP
-holding one) refuses to run, into :class:`CPUSyncBatchNorm`, whose :func:`sync_batch_norm` computes the
-statistics of the global batch with two differentiable all-reduces (the sum, then the sum of squared
-deviations), so that the workers normalise with the statistics one process would compute over the whole batch. Methods with their own BatchNorm function
+holding one) refuses to run, into :class:`CPUSyncBatchNorm`, whose :func:`sync_batch_norm` merges the workers'
+statistics in one differentiable all-reduce, so that the workers normalise with the statistics one process would
+compute over the whole batch. Methods with their own BatchNorm function
 (GPD's ``DynamicBatchNorm2d``) call :func:`sync_batch_norm` themselves (``Method.prepare_distributed``).
 
 Not here: how a batch is split (``bench.sharding``), which worker owns the MLflow run (``bench.run.distributed``),
@@ -55,23 +55,28 @@ def sync_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor 
                     bias: Tensor | None, training: bool, momentum: float, eps: float) -> Tensor:  # fmt: skip
     """``F.batch_norm`` (same arguments) whose training statistics are those of the batch of every worker
     together: mean and biased variance over all rows of all workers, running statistics updated with the
-    unbiased variance, as ``nn.BatchNorm`` does on one process. Computed in float32."""
+    unbiased variance, as ``nn.BatchNorm`` does on one process. Each worker's count, mean and sum of squared
+    deviations travel in one differentiable all-reduce (one more for their gradients in the backward) and are
+    merged as Chan et al.'s parallel variance. Computed in float32."""
     if not (training and _several_workers()):
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    dims = [0, *range(2, x.dim())]
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    x32 = x.float()
-    count = torch.tensor([x.numel() / max(x.shape[1], 1)], dtype=torch.float32, device=x.device)
-    total = _AllReduceSum.apply(torch.cat([x32.sum(dims), count]))
-    n = total[-1]
-    mean = total[:-1] / n
-    centred = x32 - mean.view(shape)
-    var = _AllReduceSum.apply(centred.square().sum(dims)) / n
+    dims, shape = [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2)
+    x32, c = x.float(), x.shape[1]
+    count = torch.full((1,), x.numel() / max(c, 1), dtype=torch.float32, device=x.device)
+    local_mean = x32.sum(dims) / count.clamp(min=1)
+    local_m2 = (x32 - local_mean.view(shape)).square().sum(dims)
+    rows = [torch.zeros(2 * c + 1, device=x.device)] * dist.get_world_size()
+    rows[dist.get_rank()] = torch.cat([count, local_mean, local_m2])
+    stats = _AllReduceSum.apply(torch.stack(rows))  # row r: worker r's count, mean, M2
+    counts, means, m2 = stats[:, :1], stats[:, 1 : c + 1], stats[:, c + 1 :]
+    n = counts.sum()
+    mean = (counts * means).sum(0) / n
+    var = (m2.sum(0) + (counts * (means - mean).square()).sum(0)) / n
     if running_mean is not None and running_var is not None:
         with torch.no_grad():
             running_mean.lerp_(mean.to(running_mean.dtype), momentum)
             running_var.lerp_((var * n / (n - 1).clamp(min=1)).to(running_var.dtype), momentum)
-    out = centred * torch.rsqrt(var + eps).view(shape)
+    out = (x32 - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
     if weight is not None:
         out = out * weight.view(shape) + bias.view(shape)
     return out.to(x.dtype)
@@ -163,7 +168,7 @@ class TorchDistributed:
     # ---- the engine's hook ----------------------------------------------------------------------
     def wrap(self, method: nn.Module, forward_train: Callable[..., Any]) -> Callable[..., Any]:
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(_Forward(method, forward_train), device_ids=ids, broadcast_buffers=False,
+        return DistributedDataParallel(_Forward(method, forward_train), device_ids=ids, forward_sync_buffers=False,
                                        find_unused_parameters=getattr(method, "unused_parameters", False))  # fmt: skip
 
     def after_backward(self) -> None:

@@ -84,8 +84,8 @@ def test_tensor_loader_equals_torchvision_pipeline(monkeypatch):
     info = data.DatasetInfo("c", 10, 3, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "crop_flip")
     draws = []
 
-    def recording(images, padding, flip, generator):
-        out = random_crop_flip(images, padding, flip, generator)
+    def recording(images, padding, flip, generator, draws=None):
+        out = random_crop_flip(images, padding, flip, generator, draws)
         draws.append(out)
         return out
 
