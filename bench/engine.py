@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from bench.data import Loader
-from bench.config import check_fields
+from bench.config import check_fields, to_dict
 from bench.errors import BenchError
 from bench.metrics import classification_metrics, curve_auc, epochs_to_target
 
@@ -61,8 +61,6 @@ class Recipe:
 
     def identity(self) -> dict[str, Any]:
         """The fields as they enter a run's hash and params (``HASH_NEUTRAL`` ones left out at their value)."""
-        from bench.config import to_dict
-
         return {k: v for k, v in to_dict(self).items() if self.HASH_NEUTRAL.get(k, ...) != v}
 
     def validate(self, where: str) -> None:
@@ -131,7 +129,8 @@ class Distributed(Protocol):
     """How one run trains on ``world_size`` data-parallel workers (``bench.distributed.TorchDistributed``): each
     worker's loaders yield its share of every batch; ``forward_train`` goes through ``wrap`` (DDP), ``after_backward``
     runs once the gradients are averaged, loss sums are averaged (``mean``), each split is predicted in shards and
-    concatenated (``gather``) after ``sync_buffers`` (rank 0's BatchNorm statistics); rank 0 checkpoints."""
+    concatenated (``gather``) after ``sync_buffers`` (rank 0's BatchNorm statistics and other buffers); rank 0
+    checkpoints, with every worker's RNG state (``gather_object``)."""
 
     world_size: int
     rank: int

@@ -124,6 +124,22 @@ def test_the_cli_refuses_before_anything_starts_with_one_line_and_exit_2(tmp_pat
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_more_workers_than_the_ray_cluster_has_cpus_for_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
+    """Checked on the cluster's resources as Ray reports them, before any trial starts (here a 2-CPU cluster;
+    no Ray instance is started for the test)."""
+    from contextlib import nullcontext
+
+    import bench.run.ray as executor
+    from bench.__main__ import main
+
+    monkeypatch.setattr(executor, "ray_session", lambda address=None: nullcontext())
+    monkeypatch.setattr(executor.ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 1e9})
+    assert main(["run", "mini", "--results", str(tmp_path), "--no-progress", "--workers-per-run", "4"]) == 2
+    err = capsys.readouterr().err  # (MLflow's own INFO lines as it creates the store, then ours)
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1 and "Traceback" not in err
+    assert "a run of 4 workers of 1 CPU(s), 0 GPU(s) needs 4 CPU(s) but the Ray cluster has 2" in err
+
+
 # ---- two gloo workers started here ----------------------------------------------------------------
 # method, hyperparameters, relative tolerance of the first-epoch loss against one process (None: not compared)
 METHODS = [
@@ -241,3 +257,31 @@ def test_every_kind_of_method_trains_on_two_workers_like_one_process(two_workers
     assert np.isfinite(a["loss"]) and np.isfinite(one["loss"])
     if tolerance is not None:
         assert a["loss"] == pytest.approx(one["loss"], rel=tolerance)
+
+
+def test_a_run_whose_worker_died_is_ended_failed_with_the_workers_reason(tmp_path):
+    """Ray Train reports a failed worker group; rank 0 could not end the MLflow run (it was killed): the trial ends
+    it FAILED with the first failed worker's own error (not Ray's wrapper), and keeps rank 0's reason if it had
+    recorded one."""
+    from bench.run.ray_train import failed
+    from bench.tracking import Tracker
+
+    class WorkerError(Exception):  # what Ray hands over: the worker's exception inside a task error
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__(f"ray.exceptions.RayTaskError: Traceback (most recent call last):\n  ...\n{cause!r}")
+            self.cause = cause
+
+    class WorkerGroupError(Exception):
+        def __init__(self, failures: dict) -> None:
+            super().__init__("Training failed due to worker errors")
+            self.worker_failures = failures
+
+    spec = expand(load_suite("mini"))[0]
+    tracker = Tracker("t", f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts")
+    run_id, _ = tracker.start(spec.run_name, spec.hash, spec.params(), {})
+    crash = WorkerGroupError({1: WorkerError(MemoryError("killed\nmore")), 0: WorkerError(RuntimeError("gloo"))})
+    outcome = failed(spec, tracker, crash)
+    assert (outcome.status, outcome.error, outcome.run_id) == ("FAILED", "RuntimeError: gloo", run_id)
+    (run,) = tracker.runs_for(spec.hash)
+    assert run.status == "FAILED" and run.tags["error"] == "RuntimeError: gloo"
+    assert failed(spec, tracker, WorkerGroupError({1: MemoryError("later")})).error == "RuntimeError: gloo"

@@ -1,4 +1,5 @@
-"""The Ray Tune executor (the CLI's default), the only module that imports Ray.
+"""The Ray Tune executor (the CLI's default); with its Ray Train part (``bench.run.ray_train``) and sweeps
+(``bench.run.sweep``), the only code that imports Ray.
 
 Every pending spec is one Ray Tune trial, or one per lockstep group (one ``tune.Tuner`` over the job list;
 ``tune.with_resources`` from the suite's ``resources`` or ``--cpus-per-run`` / ``--gpus-per-run``; fractional

@@ -114,12 +114,14 @@ def run_on_workers(spec: RunSpec, workers: Workers, teacher: TeacherRecord | Non
 
 
 def failed(spec: RunSpec, tracker: Tracker, err: BaseException) -> Outcome:
-    """The outcome of a run whose workers failed: rank 0's recorded reason, else the first worker error's last
-    line, with which the MLflow run is ended FAILED if rank 0 could not end it."""
+    """The outcome of a run whose workers failed: rank 0's recorded reason, else the first failed worker's error in
+    one line (its own exception's, or Ray's: a worker killed for memory, a dead node), with which the MLflow run is
+    ended FAILED where rank 0 could not end it."""
     failures = getattr(err, "worker_failures", None) or {}
     cause = failures[min(failures)] if failures else err
+    cause = cause.cause if isinstance(getattr(cause, "cause", None), BaseException) else cause  # RayTaskError
     lines = [line for line in str(cause).splitlines() if line.strip()]
-    reason = lines[-1][:300] if lines else type(cause).__name__
+    reason = f"{type(cause).__name__}: {lines[0] if lines else ''}"[:300]
     run_id = None
     for run in tracker.runs_for(spec.hash):
         if run.status == RUNNING:
