@@ -285,3 +285,20 @@ def test_a_run_whose_worker_died_is_ended_failed_with_the_workers_reason(tmp_pat
     (run,) = tracker.runs_for(spec.hash)
     assert run.status == "FAILED" and run.tags["error"] == "RuntimeError: gloo"
     assert failed(spec, tracker, WorkerGroupError({1: MemoryError("later")})).error == "RuntimeError: gloo"
+
+
+def test_the_teacher_cache_is_off_on_several_workers_with_the_reason():
+    from types import SimpleNamespace
+
+    from bench.engine import build_task
+    from bench.teacher_cache import cache_status
+    from tests.benchmarks.jobs import build_method
+
+    splits = load_dataset("digits")
+    recipe = Recipe(epochs=1, batch_size=64, milestones=[], augment="none")
+    task = build_task(splits, 0.2, 0, recipe, torch.device("cpu"), teacher_cache=True, progress=False)
+    method = build_method("kd", "resnet8", "resnet8", task.train_loader.num_samples, info=splits.info, epochs=1)
+    assert cache_status(method, task, recipe) == "on"
+    task.distributed = SimpleNamespace(world_size=2, rank=0)
+    assert cache_status(method, task, recipe) == "off: the run has 2 data-parallel workers (a worker sees other " \
+                                                 "samples every epoch)"  # fmt: skip
