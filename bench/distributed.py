@@ -32,54 +32,64 @@ from torch.nn.parallel import DistributedDataParallel
 from bench.engine import Recipe
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """``all_reduce(SUM)`` with a gradient: every worker's output is the sum, so the gradient of an input is the
-    sum of the output gradients of all workers (torch's ``distributed.nn.functional.all_reduce``, deprecated)."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        return tensor
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        return _AllReduceSum.apply(grad.contiguous())
-
-
 def _several_workers() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    """Batch normalisation with the statistics of every worker's rows together (the CPU counterpart of torch's
+    CUDA ``SyncBatchNorm`` function, same maths): forward, one all-reduce of each worker's count, mean and sum of
+    squared deviations (merged as Chan et al.'s parallel variance); backward, one all-reduce of the sums of the
+    output gradient and of its product with the centred input."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,  # type: ignore[override]
+                running_var: Tensor | None, momentum: float, eps: float) -> Tensor:  # fmt: skip
+        dims, c = [0, *range(2, x.dim())], x.shape[1]
+        x32 = x.float()
+        var, mean = torch.var_mean(x32, dim=dims, correction=0)
+        count = x.numel() // max(c, 1)
+        rows = torch.zeros(dist.get_world_size(), 2 * c + 1, device=x.device)
+        rows[dist.get_rank()] = torch.cat([mean.new_tensor([count]), mean, var * count])
+        dist.all_reduce(rows)
+        counts, means, m2 = rows[:, :1], rows[:, 1 : c + 1], rows[:, c + 1 :]
+        n = counts.sum()
+        mean = (counts * means).sum(0) / n
+        var = (m2.sum(0) + (counts * (means - mean).square()).sum(0)) / n
+        if running_mean is not None and running_var is not None:
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * n / (n - 1).clamp(min=1)).to(running_var.dtype), momentum)
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x32, weight, mean, invstd, n)
+        w32 = weight.float() if weight is not None else None
+        b32 = bias.float() if bias is not None else None
+        return F.batch_norm(x32, mean, var, w32, b32, False, 0.0, eps).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x32, weight, mean, invstd, n = ctx.saved_tensors
+        dims, shape, c = [0, *range(2, x32.dim())], (1, -1) + (1,) * (x32.dim() - 2), x32.shape[1]
+        dy = grad.float()
+        centred = x32 - mean.view(shape)
+        sums = torch.cat([dy.sum(dims), (dy * centred).sum(dims)])
+        local = sums.clone()
+        dist.all_reduce(sums)
+        mean_dy, mean_dy_xmu = sums[:c] / n, sums[c:] / n
+        scale = invstd if weight is None else invstd * weight.float()
+        dx = (dy - mean_dy.view(shape) - centred * (invstd.square() * mean_dy_xmu).view(shape)) * scale.view(shape)
+        d_weight = (local[c:] * invstd).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        d_bias = local[:c].to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        return dx.to(grad.dtype), d_weight, d_bias, None, None, None, None
 
 
 def sync_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
                     bias: Tensor | None, training: bool, momentum: float, eps: float) -> Tensor:  # fmt: skip
     """``F.batch_norm`` (same arguments) whose training statistics are those of the batch of every worker
     together: mean and biased variance over all rows of all workers, running statistics updated with the
-    unbiased variance, as ``nn.BatchNorm`` does on one process. Each worker's count, mean and sum of squared
-    deviations travel in one differentiable all-reduce (one more for their gradients in the backward) and are
-    merged as Chan et al.'s parallel variance. Computed in float32."""
+    unbiased variance, as ``nn.BatchNorm`` does on one process (:class:`_SyncBatchNorm`)."""
     if not (training and _several_workers()):
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    dims, shape = [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2)
-    x32, c = x.float(), x.shape[1]
-    count = torch.full((1,), x.numel() / max(c, 1), dtype=torch.float32, device=x.device)
-    local_mean = x32.sum(dims) / count.clamp(min=1)
-    local_m2 = (x32 - local_mean.view(shape)).square().sum(dims)
-    rows = [torch.zeros(2 * c + 1, device=x.device)] * dist.get_world_size()
-    rows[dist.get_rank()] = torch.cat([count, local_mean, local_m2])
-    stats = _AllReduceSum.apply(torch.stack(rows))  # row r: worker r's count, mean, M2
-    counts, means, m2 = stats[:, :1], stats[:, 1 : c + 1], stats[:, c + 1 :]
-    n = counts.sum()
-    mean = (counts * means).sum(0) / n
-    var = (m2.sum(0) + (counts * (means - mean).square()).sum(0)) / n
-    if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_((var * n / (n - 1).clamp(min=1)).to(running_var.dtype), momentum)
-    out = (x32 - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
-    if weight is not None:
-        out = out * weight.view(shape) + bias.view(shape)
-    return out.to(x.dtype)
+    return _SyncBatchNorm.apply(x, weight, bias, running_mean, running_var, momentum, eps)
 
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):

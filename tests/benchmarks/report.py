@@ -1,5 +1,5 @@
 """Write ``results/nightly/report.md`` from a benchmark run's JSON, the previous saved run and the
-accuracy check: the four ratios, every median with its change since the last saved run, the step
+accuracy check: the ratios, every median with its change since the last saved run, the step
 throughputs and the accuracy table.
 
 ``python -m tests.benchmarks.report --json results/nightly/benchmarks.json --status $?``
