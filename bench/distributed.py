@@ -12,9 +12,9 @@ each evaluation instead).
 SyncBatchNorm (``recipe.sync_bn``, default on for several workers): :func:`convert_sync_batchnorm` turns every
 BatchNorm of the method into ``torch.nn.SyncBatchNorm`` on CUDA; on CPU, where torch's SyncBatchNorm (and DDP
 holding one) refuses to run, into :class:`CPUSyncBatchNorm`, whose :func:`sync_batch_norm` merges the workers'
-statistics in one differentiable all-reduce, so that the workers normalise with the statistics one process would
-compute over the whole batch. Methods with their own BatchNorm function
-(GPD's ``DynamicBatchNorm2d``) call :func:`sync_batch_norm` themselves (``Method.prepare_distributed``).
+statistics in one all-reduce (and their gradient sums in one more), so that the workers normalise with the
+statistics one process would compute over the whole batch. Methods with their own BatchNorm function (GPD's
+``DynamicBatchNorm2d``) call :func:`sync_batch_norm` themselves (``Method.prepare_distributed``).
 
 Not here: how a batch is split (``bench.sharding``), which worker owns the MLflow run (``bench.run.distributed``),
 starting the workers (``bench.run.ray_train``).

@@ -79,6 +79,8 @@ def worker_loop(config: dict[str, Any]) -> Outcome:
     workers: Workers = config["workers"]
     torch.set_num_threads(workers.threads)
     device = get_device() if workers.gpus > 0 else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     dist = TorchDistributed(device)
     opts = workers.options
     tracker = workers.tracker() if dist.rank == 0 else None
