@@ -18,6 +18,7 @@ EPILOG = """examples:
   python -m bench run cifar100-crd --data-root ~/data --download --device cuda
   python -m bench run mini --executor local     # in this process, one run after another (debugging)
   python -m bench run mini --cpus-per-run 2     # Ray Tune trials of 2 CPUs (torch threads) each
+  python -m bench run imagenet --workers-per-run 8  # each run on 8 GPUs (Ray Train DDP), global batch kept
   python -m bench sweep ablation-kd-temperature # hyperparameter search (Ray Tune), re-run the best on test
   python -m bench validate                      # check every shipped suite (or name some) without running
   python -m bench tables mini                   # rebuild results/mini/{runs.csv,tables.md,summary.csv,*.png}
@@ -59,6 +60,10 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
                    "resources.cpus, 1)")  # fmt: skip
     p.add_argument("--gpus-per-run", type=float, help="GPUs per Ray trial, fractions allowed (default: the "
                    "suite's resources.gpus, else 1 where Ray sees GPUs)")  # fmt: skip
+    p.add_argument("--workers-per-run", type=int, metavar="N", help="train each run on N data-parallel workers "
+                   "(Ray Train: DDP, NCCL on GPUs, gloo on CPUs; --cpus/--gpus-per-run are then per worker); "
+                   "recipe.batch_size stays the global batch, each worker takes batch_size / N (default: the "
+                   "suite's resources.workers_per_run, 1)")  # fmt: skip
     p.add_argument("--address", help="Ray cluster to run on, e.g. auto or head:6379, from a node of the cluster "
                    "(default: $RAY_ADDRESS, else a fresh local Ray instance)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no per-epoch progress bars")
@@ -162,7 +167,7 @@ def run_options(args, executor: str) -> dict:
         rerun=args.rerun, tracking_uri=args.tracking_uri, teacher_dir=args.teacher_dir,
         progress=not args.no_progress and sys.stderr.isatty(), executor=executor, cpus_per_run=args.cpus_per_run,
         gpus_per_run=args.gpus_per_run, address=args.address, share_teacher=args.share_teacher,
-        teacher_cache=args.teacher_cache, device_data=args.device_data,
+        teacher_cache=args.teacher_cache, device_data=args.device_data, workers_per_run=args.workers_per_run,
         amp=args.amp, channels_last=args.channels_last, compile=args.compile,
     )  # fmt: skip
 

@@ -36,18 +36,22 @@ def fit_temperature(logits: Tensor, targets: Tensor, max_iter: int = 100) -> flo
     return float(log_t.detach().exp())
 
 
-def final_calibration(method, task: Task, run_dir: Path) -> tuple[dict[str, float], list[Path]]:
+def final_calibration(method, task: Task, run_dir: Path | None) -> tuple[dict[str, float], list[Path]]:
     """Extra final metrics and artifact files for one finished run (see module docstring).
 
     Without a validation split no temperature is fitted (fitting it on the test split would flatter it);
-    the tables say so."""
-    logits, targets = predict(method.student, task.eval_loaders["test"])
+    the tables say so. On several data-parallel workers every worker calls it (each predicts its shard, all
+    receive the whole split's predictions) and only rank 0 passes ``run_dir`` (the others get nothing)."""
+    logits, targets = predict(method.student, task.eval_loaders["test"], task.distributed)
+    val = predict(method.student, task.eval_loaders["val"], task.distributed) if "val" in task.eval_loaders else None
+    if run_dir is None:
+        return {}, []
     path = run_dir / RELIABILITY_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(reliability_bins(logits, targets)))
     metrics: dict[str, float] = {}
-    if "val" in task.eval_loaders:
-        temperature = fit_temperature(*predict(method.student, task.eval_loaders["val"]))
+    if val is not None:
+        temperature = fit_temperature(*val)
         scaled = classification_metrics(logits / temperature, targets)
         metrics = {"temperature_ts": temperature, "ece_ts": scaled["ece"], "nll_ts": scaled["nll"]}
     return metrics, [path]

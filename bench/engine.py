@@ -8,7 +8,8 @@ optimizer, scheduler, RNG states, history), from which an interrupted run resume
 Here too: the ``Recipe``, the ``Task`` a method trains on (``build_task``) and the speed switches that change
 no result (``FastPaths``). Not here: who builds runs and logs them (``bench.run``), the teacher-output cache
 (``bench.teacher_cache``, which takes part through the narrow :class:`TeacherOutputs` hook), several runs on
-shared batches (``bench.lockstep``). The engine imports none of its callers.
+shared batches (``bench.lockstep``), data-parallel workers (``bench.distributed``, through the narrow
+:class:`Distributed` hook on ``Task.distributed``). The engine imports none of its callers.
 """
 from __future__ import annotations
 
@@ -19,62 +20,17 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from bench.data import Loader
+from bench.loaders import Loader
 from bench.checkpoints import LEGACY_RUN_CHECKPOINT_TYPES, load_checkpoint
-from bench.config import check_fields
+from bench.recipe import Recipe, Trainer, apply_numerics, nothing
 from bench.errors import BenchError
 from bench.metrics import classification_metrics, curve_auc, epochs_to_target
-
-
-@dataclass
-class Recipe:
-    """Optimisation recipe; defaults are the CRD CIFAR-100 protocol (Tian et al. 2020)."""
-
-    epochs: int = 240
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
-    gamma: float = 0.1
-    augment: str = "auto"
-    grad_clip: float | None = None
-    eval_batch_size: int = 512
-    val_fraction: float = 0.0
-    # Speed switches, all off by default (a reference run never turns them on silently). Each is a
-    # recipe field, so it is part of the run's hash and logged as an MLflow param (``recipe.amp`` ...).
-    amp: bool = False  # bf16 autocast of the forward passes (teacher, student, losses) and evaluation
-    channels_last: bool = False  # NHWC memory format for the models and the input batches
-    compile: bool = False  # torch.compile of the method's training forward (``forward_train``)
-    # Numerics on CUDA (``apply_numerics``; nothing changes on a CPU): TF32 matmuls and convolutions only when
-    # asked for (a reference run computes in full fp32); ``deterministic`` = deterministic cuDNN, no cuDNN
-    # benchmark, ``torch.use_deterministic_algorithms`` (warn only). Recipe fields, so part of the run's hash
-    # and its MLflow params (``recipe.tf32``, ``recipe.deterministic``).
-    tf32: bool = False
-    deterministic: bool = False
-
-    def validate(self, where: str) -> None:
-        from bench.data import AUGMENTATIONS
-
-        checks = [
-            (self.epochs >= 1, "epochs", "must be >= 1"),
-            (self.batch_size >= 1, "batch_size", "must be >= 1"),
-            (self.lr > 0, "lr", "must be > 0"),
-            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
-            (all(0 < m < self.epochs for m in self.milestones), "milestones", f"must lie in (0, epochs={self.epochs})"),
-            (list(self.milestones) == sorted(self.milestones), "milestones", "must be increasing"),
-            (self.augment in AUGMENTATIONS + ("auto",), "augment", f"must be one of auto, {', '.join(AUGMENTATIONS)}"),
-            (self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0"),
-            (0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)"),
-        ]
-        check_fields(self, where, checks)
 
 
 @dataclass
@@ -92,6 +48,7 @@ class Task:
     # Cache a frozen offline teacher's per-sample outputs where that cannot change the result
     # (bench.teacher_cache). Not a recipe field: it changes no result, so it is not part of a run's hash.
     teacher_cache: bool = False
+    distributed: "Distributed | None" = None  # this process is one of several data-parallel workers
 
 
 @dataclass(frozen=True)
@@ -119,6 +76,24 @@ class TeacherOutputs(Protocol):
     def bind(self, x: torch.Tensor, index: torch.Tensor | None) -> None: ...
 
     def report(self) -> Any: ...
+
+
+class Distributed(Protocol):
+    """How one run trains on ``world_size`` data-parallel workers (``bench.distributed.TorchDistributed``): each
+    worker's loaders yield its share of every batch; ``forward_train`` goes through ``wrap`` (DDP), ``after_backward``
+    runs once the gradients are averaged, loss sums are averaged (``mean``), each split is predicted in shards and
+    concatenated (``gather``) after ``sync_buffers`` (rank 0's BatchNorm statistics and other buffers); rank 0
+    checkpoints, with every worker's RNG state (``gather_object``)."""
+
+    world_size: int
+    rank: int
+
+    def wrap(self, method: nn.Module, forward_train: Callable[..., Any]) -> Callable[..., Any]: ...
+    def after_backward(self) -> None: ...
+    def mean(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def gather(self, rows: torch.Tensor) -> torch.Tensor: ...
+    def sync_buffers(self, module: nn.Module) -> None: ...
+    def gather_object(self, obj: Any) -> list[Any]: ...
 
 
 @dataclass
@@ -160,29 +135,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"device {name!r} requested but CUDA is not available")
     return device
-
-
-def apply_numerics(recipe: Recipe, device: torch.device) -> None:
-    """Set the process-wide numerics switches of ``recipe`` (see its ``tf32`` / ``deterministic`` fields).
-
-    On CUDA: ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32`` =
-    ``recipe.tf32`` (PyTorch's own defaults differ: cuDNN convolutions use TF32 unless told otherwise); with
-    ``recipe.deterministic`` also ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` if unset (cuBLAS reads it when it starts,
-    so the CLI's ``--deterministic`` is set before any CUDA work). On every device: ``cudnn.deterministic``
-    and ``torch.use_deterministic_algorithms(warn_only=True)`` follow ``recipe.deterministic``, which turns
-    ``cudnn.benchmark`` off. A CPU run with the default recipe changes no setting: no cuDNN, no TF32, and
-    deterministic algorithms stay off as they are by default."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = recipe.tf32
-        torch.backends.cudnn.allow_tf32 = recipe.tf32
-        if recipe.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.deterministic = recipe.deterministic
-    if recipe.deterministic:
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        torch.use_deterministic_algorithms(False)
 
 
 def seed_everything(seed: int) -> None:
@@ -241,40 +193,6 @@ def keep_freed_host_memory(threshold: int = 1 << 30) -> str:
     return _MALLOC_TUNING
 
 
-def make_optimizer(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, nesterov=recipe.nesterov
-    )
-
-
-class Trainer(Protocol):
-    """How a training step turns a method's named losses into a parameter update (``TrainingRun.step``).
-
-    ``optimizer`` is what the scheduler drives and the checkpoint saves. A method chooses its trainer
-    (``Method.make_trainer``); :class:`SGDTrainer` is the default, ``methods/modifiers/dot.py`` another."""
-
-    optimizer: torch.optim.Optimizer
-
-    def update(self, losses: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
-        """One update from the step's named ``losses`` and their sum ``loss``."""
-        ...
-
-
-class SGDTrainer:
-    """The default update: backward of the summed losses, optional gradient clipping, one SGD step."""
-
-    def __init__(self, params: list[nn.Parameter], recipe: Recipe) -> None:
-        self.params, self.recipe = params, recipe
-        self.optimizer = make_optimizer(params, recipe)
-
-    def update(self, losses: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.recipe.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.params, self.recipe.grad_clip)
-        self.optimizer.step()
-
-
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file, then rename: a crash never leaves a torn checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,8 +202,9 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and targets of a whole split (model in eval mode)."""
+def predict(model: nn.Module, loader: Loader, distributed: Distributed | None = None) -> tuple[torch.Tensor, ...]:
+    """Logits and targets of a whole split (model in eval mode); with ``distributed``, every worker predicts its
+    shard of the split and all receive the whole split's (a collective: every worker calls it)."""
     was_training = model.training
     model.eval()
     logits, targets = [], []
@@ -293,14 +212,17 @@ def predict(model: nn.Module, loader: Loader) -> tuple[torch.Tensor, torch.Tenso
         logits.append(model(x).float())
         targets.append(y)
     model.train(was_training)
-    return torch.cat(logits).cpu(), torch.cat(targets).cpu()
+    logits, targets = torch.cat(logits), torch.cat(targets)
+    if distributed is not None:
+        logits, targets = distributed.gather(logits), distributed.gather(targets)
+    return logits.cpu(), targets.cpu()
 
 
-def evaluate_method(method, loader: Loader, split: str) -> dict[str, float]:
+def evaluate_method(method, loader: Loader, split: str, distributed: Distributed | None = None) -> dict[str, float]:
     """Metrics of every model in ``method.eval_models()``, keyed ``<model>_<split>_<metric>``."""
     out = {}
     for prefix, model in method.eval_models().items():
-        logits, targets = predict(model, loader)
+        logits, targets = predict(model, loader, distributed)
         tag = f"{prefix}_{split}" if prefix else split
         out.update({f"{tag}_{k}": v for k, v in classification_metrics(logits, targets).items()})
     return out
@@ -345,7 +267,12 @@ class TrainingRun:
         self.optimizer = self.trainer.optimizer
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(recipe.milestones), recipe.gamma)
         self.history, self.start = History(), 0
-        seed_everything(task.seed)
+        self.dist = dist = task.distributed
+        if dist is not None and not self.trainer.data_parallel:
+            raise BenchError(f"method {method.name!r}: its trainer does not run on several data-parallel workers "
+                             "(it takes two backward passes per step); train it with --workers-per-run 1")  # fmt: skip
+        rank = dist.rank if dist is not None else 0
+        seed_everything(task.seed + 1_000_003 * rank)  # rank 0 draws what one process draws; the others their own
         ckpt_path = task.checkpoint_path
         if ckpt_path is not None and ckpt_path.exists():
             state = load_checkpoint(ckpt_path, task.device, allow=LEGACY_RUN_CHECKPOINT_TYPES)
@@ -354,8 +281,12 @@ class TrainingRun:
             self.scheduler.load_state_dict(state["scheduler"])
             self.history = History(state["history"])
             self.start = state["epoch"]
-            _set_rng_state(state["rng"])
+            ranks = state.get("rng_ranks") or [state["rng"]]  # a worker of another world size keeps its seed
+            if rank < len(ranks):
+                _set_rng_state(ranks[rank])
         self.forward_train = torch.compile(method.forward_train, **COMPILE_OPTIONS) if recipe.compile else method.forward_train
+        if dist is not None:
+            self.forward_train = dist.wrap(method, self.forward_train)
         self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
 
@@ -364,13 +295,17 @@ class TrainingRun:
         self.method.on_epoch_start(epoch)
         self.sums, self.steps = {}, 0
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, *extra: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, *extra: torch.Tensor, weight: float = 1.0) -> None:
         """One optimizer step on a batch (already in the recipe's memory format, see ``prepare_batch``).
-        ``extra``: what the loader yields after ``(x, y)`` (e.g. sample indices), passed to ``forward_train``."""
+        ``extra``: what the loader yields after ``(x, y)`` (e.g. sample indices), passed to ``forward_train``.
+        ``weight``: a data-parallel worker's share of an unevenly split global batch × the number of workers
+        (the loader's ``batch_weight``), so that the averaged gradient is that of the global batch's mean loss."""
         with autocast(self.recipe, self.task.device):
             _, losses = self.forward_train(x, y, *extra)
+            if weight != 1.0:
+                losses = {name: value * weight for name, value in losses.items()}
             loss = sum(losses.values())
-        self.trainer.update(losses, loss)
+        self.trainer.update(losses, loss, self.dist.after_backward if self.dist is not None else nothing)
         for name, value in losses.items():
             self.sums[name] = self.sums.get(name, 0.0) + value.detach()
         self.sums["loss"] = self.sums.get("loss", 0.0) + loss.detach()
@@ -379,20 +314,24 @@ class TrainingRun:
     def end_epoch(self, epoch: int, train_s: float) -> dict[str, float]:
         """Epoch metrics, evaluation, hooks and the checkpoint; ``train_s`` is the training phase's time."""
         t0 = time.perf_counter()
-        steps = max(self.steps, 1)
-        train = {f"train_{k}" if k == "loss" else f"train_loss_{k}": float(v) / steps for k, v in self.sums.items()}
+        steps, dist = max(self.steps, 1), self.dist
+        sums = dist.mean(self.sums) if dist is not None else self.sums  # every worker: the global batches' means
+        train = {f"train_{k}" if k == "loss" else f"train_loss_{k}": float(v) / steps for k, v in sums.items()}
         if not math.isfinite(train.get("train_loss", 0.0)):
             raise DivergenceError(f"training loss is {train['train_loss']} at epoch {epoch + 1}")
         metrics = {"epoch": float(epoch + 1), "lr": self.optimizer.param_groups[0]["lr"], **train}
         self.scheduler.step()
+        if dist is not None:
+            dist.sync_buffers(self.method)
         with autocast(self.recipe, self.task.device):
             for split, loader in self.task.eval_loaders.items():
-                metrics.update(evaluate_method(self.method, loader, split))
+                metrics.update(evaluate_method(self.method, loader, split, dist))
         metrics["epoch_s"] = train_s + time.perf_counter() - t0
         self.history.epochs.append(metrics)
         if self.hooks is not None:  # before the checkpoint: a crash in between re-logs the epoch (same step)
             self.hooks.on_epoch_end(epoch, metrics)
-        if self.task.checkpoint_path is not None:
+        rng_ranks = dist.gather_object(_rng_state()) if dist is not None else None
+        if self.task.checkpoint_path is not None and (dist is None or dist.rank == 0):
             atomic_save(
                 {
                     "epoch": epoch + 1,
@@ -401,6 +340,7 @@ class TrainingRun:
                     "scheduler": self.scheduler.state_dict(),
                     "rng": _rng_state(),
                     "history": self.history.epochs,
+                    **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
                 },
                 self.task.checkpoint_path,
             )
@@ -433,7 +373,7 @@ def fit(method, task: Task, recipe: Recipe, hooks: Hooks | None = None,
                     x = prepare_batch(x, recipe)
                     if teacher_outputs is not None:
                         teacher_outputs.bind(x, getattr(loader, "last_index", None))
-                    run.step(x, y, *extra)
+                    run.step(x, y, *extra, weight=getattr(loader, "batch_weight", 1.0))
                 metrics = run.end_epoch(epoch, time.perf_counter() - t0)
                 if bar is not None:
                     top1 = metrics.get("test_top1", float("nan"))
@@ -457,22 +397,27 @@ def build_task(
     teacher_cache: bool = False,
     device_data: bool = True,
     train_loader: Loader | None = None,
+    distributed: Distributed | None = None,
     **task_fields: Any,
 ) -> Task:
     """Loaders for one run: a stratified ``fraction`` of the training pool (after carving the seeded
     validation split when ``recipe.val_fraction`` > 0), the test split, and the validation split.
     ``teacher_cache`` / ``device_data``: the :class:`FastPaths` (``**asdict(fast)``); ``train_loader``: an
-    existing loader of those same batches to use instead (a lockstep group's); ``task_fields``: the other
-    :class:`Task` fields (``checkpoint_path``, ``target_top1``, ``progress``, ``description``)."""
-    from bench.data import make_loader, run_indices
+    existing loader of those same batches to use instead (a lockstep group's); ``distributed``: this process
+    is one of several workers, its loaders yield its share of each batch (``batch_size`` is the global batch);
+    ``task_fields``: the other :class:`Task` fields (``checkpoint_path``, ``target_top1``, ``progress``,
+    ``description``)."""
+    from bench.data import run_indices
+    from bench.loaders import make_loader
 
+    shard = (distributed.rank, distributed.world_size) if distributed is not None else None
     train_idx, val = run_indices(splits.train.target_array(), fraction, seed, recipe.val_fraction)
     info = splits.info
 
     def loader(data, indices, train: bool) -> Loader:
         bs = recipe.batch_size if train else recipe.eval_batch_size
         return make_loader(data, info, indices, bs, train, recipe.augment if train else "none", seed, device,
-                           device_data)  # fmt: skip
+                           device_data, shard)  # fmt: skip
 
     eval_loaders = {"test": loader(splits.test, None, False)}
     if len(val):
@@ -483,5 +428,6 @@ def build_task(
         device=device,
         seed=seed,
         teacher_cache=teacher_cache,
+        distributed=distributed,
         **task_fields,
     )

@@ -38,7 +38,7 @@ from bench.engine import (
     prepare_batch,
     progress_bar,
 )
-from bench.data import TensorLoader
+from bench.loaders import TensorLoader
 from bench.errors import BenchError
 from bench.teacher_cache import (
     CacheReport,

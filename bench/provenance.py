@@ -2,7 +2,8 @@
 
 Per run (``run_tags``): ``git_commit``, ``git_dirty``, ``kdbench_version``, ``torch_version``, ``cuda_version``,
 ``device_name`` (the GPU's name, or the CPU model), ``device_count`` (CUDA devices visible, or the CPU cores this
-process may use), ``world_size`` and ``global_batch_size`` (``scale_tags``), ``deterministic`` and ``tf32``, plus
+process may use), ``deterministic`` and ``tf32`` (``world_size``, ``global_batch_size`` and the other
+parallelism tags come from ``bench.distributed.run_tags``, set when the run is prepared), plus
 MLflow's own system tags (``mlflow.source.git.commit``, ``mlflow.source.name``, ``mlflow.source.type``) so its UI
 shows the source, and ``command`` (the whole command line); ``run_note`` writes the spec as one readable paragraph
 (``mlflow.note.content``) and ``dataset_inputs`` the training / test data as MLflow dataset inputs (name,
@@ -105,11 +106,6 @@ def numeric_tags() -> dict[str, str]:
     return {"deterministic": str(torch.are_deterministic_algorithms_enabled()).lower(), "tf32": tf32}
 
 
-def scale_tags(world_size: int, global_batch_size: int) -> dict[str, str]:
-    """How many workers train one run and the batch they see together (``Workspace.world_size`` decides)."""
-    return {"world_size": str(world_size), "global_batch_size": str(global_batch_size)}
-
-
 def _distributions() -> list[str]:
     found = {(d.metadata["Name"] or "?").lower(): d.version for d in importlib.metadata.distributions()}
     return [f"{name}=={version}" for name, version in sorted(found.items())]
@@ -182,7 +178,7 @@ def start_invocation(folder: Path, argv: list[str] | None = None) -> Invocation:
 
 
 def run_tags(invocation: Invocation | None, device: torch.device) -> dict[str, str]:
-    """The provenance tags of a run (module docstring) but the scale ones (``scale_tags``). Without an
+    """The provenance tags of a run (module docstring) but the parallelism ones. Without an
     invocation (a run started outside ``bench run`` / ``bench sweep``) git is asked now and no environment
     file is named."""
     if invocation is None:

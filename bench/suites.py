@@ -43,7 +43,7 @@ import yaml
 
 from bench.config import coerce, from_mapping, to_dict
 from bench.data import list_datasets
-from bench.engine import Recipe
+from bench.recipe import Recipe
 from bench.errors import BenchError
 from bench.method_entries import MethodEntry, merge_hparams, method_entries
 from bench.references import Provenance, Reference, resolve_references
@@ -97,8 +97,16 @@ class TeacherSettings:
 
 @dataclass
 class Resources:
+    """What one run takes: ``workers_per_run`` data-parallel workers (Ray Train; ``recipe.batch_size`` is the global
+    batch, each worker takes ``batch_size / workers_per_run``), each with ``cpus`` CPUs and ``gpus`` GPUs."""
+
     cpus: float = 1.0
     gpus: float = 0.0
+    workers_per_run: int = 1
+
+    def validate(self, where: str) -> None:
+        if self.workers_per_run < 1:
+            raise BenchError(f"{where}.workers_per_run: must be >= 1, got {self.workers_per_run}")
 
 
 @dataclass
@@ -145,7 +153,7 @@ class TeacherSpec:
 
     @property
     def hash(self) -> str:
-        data = to_dict(self)
+        data = {**to_dict(self), "recipe": self.recipe.identity()}
         if not self.code:  # built-in teachers keep the hashes they always had
             del data["code"]
         return content_hash(data)
@@ -184,7 +192,7 @@ class RunSpec:
                 "hparams": self.hparams,
                 "fraction": self.fraction,
                 "seed": self.seed,
-                "recipe": to_dict(self.recipe),
+                "recipe": self.recipe.identity(),
                 **({"code": self.code} if self.code else {}),
             }
         )
@@ -212,7 +220,7 @@ class RunSpec:
             "target_top1": self.target_top1,
         }
         flat.update(_flatten("hp", self.hparams))
-        flat.update({f"recipe.{k}": v for k, v in to_dict(self.recipe).items()})
+        flat.update({f"recipe.{k}": v for k, v in self.recipe.identity().items()})
         from methods import split_name
 
         _, modifiers, trainer = split_name(self.method)
@@ -419,6 +427,7 @@ def teacher_spec(suite: Suite, pair: Pair) -> TeacherSpec:
     from bench.plugins import code_digests
 
     recipe = from_mapping(Recipe, suite.teacher.recipe, "teacher.recipe", base=suite.recipe)
+    recipe = replace(recipe, sync_bn=None)  # a teacher trains in one process (its own job)
     spec = TeacherSpec(
         dataset=suite.dataset,
         model=pair.teacher,

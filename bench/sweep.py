@@ -42,7 +42,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from bench.config import from_mapping, to_dict
-from bench.engine import Recipe
+from bench.recipe import Recipe
 from bench.errors import BenchError
 from bench.suites import RunSpec, Suite, expand
 

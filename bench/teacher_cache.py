@@ -4,10 +4,11 @@
 
 * the method distils an *offline* teacher (``teacher_mode == "offline"``), trains through the engine's loop
   (it does not override ``Method.fit``), the teacher has no trainable parameter and no forward hooks;
-* the training loader is a device-resident :class:`~bench.data.TensorLoader` (it reports the sample positions
+* the training loader is a device-resident :class:`~bench.loaders.TensorLoader` (it reports the sample positions
   of each batch in ``last_index``) with ``augment == "none"``: a training sample is the same input tensor row
   in every epoch, only the batch order changes;
-* ``recipe.amp`` and ``recipe.compile`` are off;
+* ``recipe.amp`` and ``recipe.compile`` are off, and the run trains in one process (a data-parallel worker sees
+  other samples every epoch);
 * the cache fits the memory budget (:data:`MEMORY_BUDGET_BYTES` or a quarter of the free CUDA memory,
   whichever is smaller), estimated from one teacher pass on one sample × the number of training samples.
 
@@ -48,8 +49,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from bench.data import TensorLoader
-from bench.engine import Recipe, Task
+from bench.loaders import TensorLoader
+from bench.engine import Task
+from bench.recipe import Recipe
 
 MEMORY_BUDGET_BYTES = 1 << 30  # 1 GiB
 CUDA_FREE_FRACTION = 0.25  # on CUDA, also at most this share of the free device memory
@@ -132,6 +134,9 @@ def cache_applies(method, task: Task, recipe: Recipe, budget_bytes: int | None =
     one-line reason it does not (module docstring). The cheap checks come first; the memory estimate runs
     the teacher once on one sample (the method must already be on ``task.device``)."""
     mode = method.teacher_mode
+    if task.distributed is not None:
+        return (f"the run has {task.distributed.world_size} data-parallel workers (a worker sees other samples "
+                "every epoch)")  # fmt: skip
     if mode != "offline" or method.teacher is None:
         return f"teacher mode is {mode!r} (only a frozen offline teacher gives the same output every epoch)"
     if not method.trains_with_engine_loop():

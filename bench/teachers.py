@@ -27,7 +27,8 @@ import yaml
 from bench.checkpoints import PUBLISHED_TEACHER_TYPES, load_checkpoint
 from bench.config import from_mapping, to_dict
 from bench.data import Splits
-from bench.engine import apply_numerics, atomic_save, build_task, predict, seed_everything
+from bench.engine import atomic_save, build_task, predict, seed_everything
+from bench.recipe import apply_numerics
 from bench.errors import BenchError
 from bench.locks import exclusive_lock
 from bench.metrics import classification_metrics

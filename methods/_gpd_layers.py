@@ -374,7 +374,10 @@ class DynamicLinear(DynamicLayer):
 
 class DynamicBatchNorm2d(DynamicLayer):
     """BatchNorm with replicated DT statistics/affine, the ``count`` input/output rescale in DT mode, and separate
-    student running statistics."""
+    student running statistics. ``batch_norm``: ``F.batch_norm``, or ``bench.distributed.sync_batch_norm`` (same
+    arguments) on several data-parallel workers with SyncBN."""
+
+    batch_norm = staticmethod(F.batch_norm)
 
     def __init__(self, bn: nn.BatchNorm2d, mode: GPDMode | None = None) -> None:
         if not (bn.affine and bn.track_running_stats):
@@ -403,7 +406,7 @@ class DynamicBatchNorm2d(DynamicLayer):
         scale = None if student or c == wide else self.count_c_wide.view(1, -1, 1, 1)
         if scale is not None:
             x = x * scale
-        out = F.batch_norm(x, mean, var, self.active("weight"), self.active("bias"), self.training, factor, self.eps)
+        out = self.batch_norm(x, mean, var, self.active("weight"), self.active("bias"), self.training, factor, self.eps)
         return out if scale is None else out / scale
 
     def student_state(self) -> dict[str, Tensor]:

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from bench import engine
 from bench.config import from_mapping
 from bench.data import DatasetInfo
-from bench.engine import History, Hooks, Recipe, SGDTrainer, Task, Trainer
+from bench.engine import History, Hooks, Task
+from bench.recipe import Recipe, SGDTrainer, Trainer
 from bench.errors import BenchError, DuplicateName
 from bench.models import Features, StagedNet, count_parameters
 from bench.teacher_cache import teacher_cache_for
@@ -70,6 +71,11 @@ class Method(nn.Module):
     # Set on composed classes only (get_method("kd+ls+dot")): the modifiers applied, the trainer used.
     modifier_names: ClassVar[tuple[str, ...]] = ()
     trainer_name: ClassVar[str | None] = None
+    # how the method differs when one run trains on several data-parallel workers (tagged ``ddp_note``); ""
+    # = it does not (the global batch is the protocol)
+    ddp_note: ClassVar[str] = ""
+    # some trainable parameters take no part in some steps (DDP must then look for them every step)
+    unused_parameters: ClassVar[bool] = False
 
     def __init__(self, student: StagedNet, teacher: StagedNet | None, hparams, context: MethodContext) -> None:
         super().__init__()
@@ -92,6 +98,11 @@ class Method(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each training epoch (0-based): schedules, warm-ups, block partitions."""
         self.epoch = epoch
+
+    def prepare_distributed(self, distributed, sync_bn: bool) -> None:
+        """Called on every worker of a data-parallel run before training (``bench.distributed.TorchDistributed``,
+        after the BatchNorm layers became SyncBatchNorm when ``sync_bn``): a method with state shared across the
+        batch (CRD's memory bank) or its own gradient or BatchNorm handling (GPD) adapts here."""
 
     def eval_models(self) -> dict[str, nn.Module]:
         """Models evaluated each epoch; "" is the student, whose metrics are the run's result."""

@@ -22,6 +22,12 @@ training subset (0..N−1, the order of ``Task.train_loader``), and the labels o
 State: both banks and the two Z constants are persistent buffers, so they are in every checkpoint and a resumed
 run continues exactly (negatives are drawn from the global torch RNG, which the engine checkpoints too).
 Choice: the contrastive part runs in float32 even under ``recipe.amp`` (exp of dot products / 0.07).
+
+On several data-parallel workers (``prepare_distributed``; our reading, RepDistiller trains in one process): every
+worker reads the same banks, then gathers the indices and embeddings of the whole batch (all workers' rows, in
+the order of one process's batch) and applies the same momentum update, so the banks stay equal across workers
+and are updated as one process's; Z is the mean of the workers' first-batch estimates. Negatives are drawn per
+worker (each from its own RNG stream).
 """
 from __future__ import annotations
 
@@ -38,7 +44,8 @@ from methods.base import Method, MethodContext, register_method
 from methods.kd import kd_loss
 
 if TYPE_CHECKING:
-    from bench.engine import History, Hooks, Recipe, Task
+    from bench.engine import History, Hooks, Task
+    from bench.recipe import Recipe
 
 NCE_EPS = 1e-7  # RepDistiller ContrastLoss
 
@@ -158,6 +165,10 @@ class CRD(Method):
         self.register_buffer("z", torch.full((2,), -1.0))  # Z of the student / teacher scores; < 0: not set yet
         for name in ("train_labels", "sorted_index", "class_start", "class_count"):
             self.register_buffer(name, torch.empty(0, dtype=torch.long), persistent=False)
+        self._distributed = None  # bench.distributed.TorchDistributed of a data-parallel run
+
+    def prepare_distributed(self, distributed, sync_bn: bool) -> None:
+        self._distributed = distributed
 
     def set_train_targets(self, targets: Tensor) -> None:
         """Labels of the training subset by position (what ``index`` in ``forward_train`` refers to)."""
@@ -196,7 +207,8 @@ class CRD(Method):
             student_exp = contrast_exp(self.memory_t[contrast], e_s, self.hp.nce_t)
             teacher_exp = contrast_exp(self.memory_s[contrast], e_t, self.hp.nce_t)
             if self.z[0] < 0:
-                self.z.copy_(torch.stack([student_exp.mean(), teacher_exp.mean()]).detach() * self.num_data)
+                z = torch.stack([student_exp.mean(), teacher_exp.mean()]).detach() * self.num_data
+                self.z.copy_(self._distributed.all_mean(z) if self._distributed is not None else z)
             losses["crd"] = self.hp.crd_weight * crd_loss(student_exp, teacher_exp, self.z[0], self.z[1], self.num_data)
             self._update_memory(index, e_s.detach(), e_t.detach())
         if self.hp.kd_weight > 0:
@@ -205,7 +217,10 @@ class CRD(Method):
 
     @torch.no_grad()
     def _update_memory(self, index: Tensor, e_s: Tensor, e_t: Tensor) -> None:
-        """Momentum update of the batch's rows, re-normalised to unit length (RepDistiller ContrastMemory)."""
+        """Momentum update of the batch's rows, re-normalised to unit length (RepDistiller ContrastMemory); on
+        several workers, of the rows of every worker's share of the batch."""
+        if self._distributed is not None:
+            index, e_s, e_t = (self._distributed.gather(t) for t in (index, e_s, e_t))
         m = self.hp.nce_m
         for bank, emb in ((self.memory_s, e_s), (self.memory_t, e_t)):
             bank.index_copy_(0, index, F.normalize(bank[index] * m + emb * (1 - m), dim=1))

@@ -66,6 +66,7 @@ class DISTHparams:
 class DIST(Method):
     name = "dist"
     Hparams = DISTHparams
+    ddp_note = "the intra-class relation is over each worker's share of the batch (batch_size / workers rows)"
 
     def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(x)

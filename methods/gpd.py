@@ -26,7 +26,9 @@ Choices where the paper/code is silent or differs from our harness (all hyperpar
   method itself, so suites shared with other methods keep their recipe and every training driver (``fit``,
   lockstep) clips GPD alike: a post-accumulate-grad hook on every trainable parameter counts the gradients
   of one backward and, once all have arrived, clips their global norm (:class:`_GradClipper`). A recipe
-  ``grad_clip`` is applied on top by the engine (``null`` here: only the recipe's).
+  ``grad_clip`` is applied on top by the engine (``null`` here: only the recipe's). On several data-parallel
+  workers the hooks see each worker's own gradients, so the clip waits for DDP's average (``prepare_distributed``:
+  the engine's ``after_backward``), and the DT's BatchNorm uses the statistics of the global batch with SyncBN.
 - ``ema_decay``: the official ImageNet runs keep an EMA of the DT (timm ``ModelEmaV2``, 0.99996) and pick the
   best of the raw and EMA checkpoints. Default off (``None``): a 0.99996 EMA is meaningless over the few
   thousand steps of CIFAR/digits runs. When set, the EMA student is evaluated as ``ema_*`` next to the raw
@@ -53,8 +55,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.config import check_fields
+from bench.distributed import sync_batch_norm
 from bench.errors import BenchError
 from bench.models import StagedNet, count_parameters
+from methods._gpd_layers import DynamicBatchNorm2d
 from methods._gpd_surgery import (
     add_branches,
     extract_student,
@@ -155,16 +159,21 @@ class _GradClipper:
 
     def __init__(self, params: list[nn.Parameter], max_norm: float) -> None:
         self.params, self.max_norm, self.arrived = params, max_norm, 0
+        self.deferred = False  # a data-parallel run clips after DDP's average instead (``clip``)
         for p in params:
             p.register_post_accumulate_grad_hook(self._arrive)
 
     def reset(self) -> None:
         self.arrived = 0
 
+    def clip(self) -> None:
+        nn.utils.clip_grad_norm_(self.params, self.max_norm)
+
     def _arrive(self, _: Tensor) -> None:
         self.arrived += 1
         if self.arrived == len(self.params):
-            nn.utils.clip_grad_norm_(self.params, self.max_norm)
+            if not self.deferred:
+                self.clip()
             self.arrived = 0
 
 
@@ -258,6 +267,16 @@ class GPDScratch(Method):
         self._stale = True
         self._ema_pending = self.ema_dt is not None
         return student_logits, losses
+
+    def prepare_distributed(self, distributed, sync_bn: bool) -> None:
+        """Clip the averaged gradients (not each worker's); the DT's BatchNorm on the global batch with SyncBN."""
+        if self._clipper is not None:
+            self._clipper.deferred = True
+            distributed.register_after_backward(self._clipper.clip)
+        if sync_bn:
+            for module in self.modules():
+                if isinstance(module, DynamicBatchNorm2d):
+                    module.batch_norm = sync_batch_norm
 
     def eval_models(self) -> dict[str, nn.Module]:
         self._refresh()

@@ -213,6 +213,8 @@ class SRD(Method):
 
     name = "srd"
     Hparams = SRDHparams
+    ddp_note = ("the soft maximum log Σ|Δ|^α sums over each worker's share of the batch: the loss reads 2·log(workers) "
+                "lower, its gradient is that of the whole batch to first order")  # fmt: skip
 
     def __init__(self, student, teacher, hparams: SRDHparams, context: MethodContext) -> None:
         super().__init__(student, teacher, hparams, context)

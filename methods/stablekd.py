@@ -276,6 +276,7 @@ class StableKD(Method):
 
     name = "stablekd"
     Hparams = StableKDHparams
+    unused_parameters = True  # a phase trains some blocks and bridges, not the others
 
     def __init__(self, student: StagedNet, teacher: StagedNet | None, hparams: StableKDHparams, context: MethodContext):
         super().__init__(student, teacher, hparams, context)

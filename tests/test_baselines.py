@@ -355,7 +355,8 @@ def test_crd_plus_kd_adds_the_kd_term():
 
 def test_crd_fit_binds_the_training_set_through_the_engine(tmp_path):
     from bench.data import load_dataset
-    from bench.engine import Recipe, build_task
+    from bench.engine import build_task
+    from bench.recipe import Recipe
 
     splits = load_dataset("digits")
     recipe = Recipe(epochs=1, batch_size=64, milestones=[], eval_batch_size=512)

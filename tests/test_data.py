@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data import fraction_indices, holdout_indices, load_dataset, make_loader
+from bench.data import fraction_indices, holdout_indices, load_dataset
+from bench.loaders import make_loader
 from bench.errors import BenchError
 from tests.fixtures import write_cifar, write_image_folder
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from bench.data import load_dataset
-from bench.engine import Recipe, build_task
+from bench.engine import build_task
+from bench.recipe import Recipe
 from bench.models import create_model
 from bench.suites import expand, parse_suite
 from methods import MethodContext, build_hparams, get_method

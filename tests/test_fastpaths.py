@@ -11,9 +11,12 @@ from PIL import Image
 from torchvision import transforms as T
 
 import bench.data as data
+import bench.loaders as loaders
 import bench.engine as engine
-from bench.data import TensorImages, TensorLoader, load_dataset, random_crop_flip
-from bench.engine import Recipe, build_task, fit, seed_everything
+from bench.data import TensorImages, load_dataset
+from bench.loaders import TensorLoader, random_crop_flip
+from bench.engine import build_task, fit, seed_everything
+from bench.recipe import Recipe
 from bench.models import create_model
 from methods import MethodContext
 from methods.kd import KD, KDHparams
@@ -62,7 +65,7 @@ def test_host_memory_loader_yields_the_same_batches(augment, train, with_indices
     for loader in loaders:
         loader.with_indices = with_indices
         loader.set_epoch(1)
-    assert not loaders[1].resident and data.describe_loader(loaders[1]).startswith("uint8 tensors in host memory")
+    assert not loaders[1].resident and loaders.describe_loader(loaders[1]).startswith("uint8 tensors in host memory")
     for a, b in zip(*loaders, strict=True):
         for ta, tb in zip(a, b, strict=True):
             assert torch.equal(ta, tb)
@@ -84,12 +87,12 @@ def test_tensor_loader_equals_torchvision_pipeline(monkeypatch):
     info = data.DatasetInfo("c", 10, 3, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "crop_flip")
     draws = []
 
-    def recording(images, padding, flip, generator):
-        out = random_crop_flip(images, padding, flip, generator)
+    def recording(images, padding, flip, generator, draws=None):
+        out = random_crop_flip(images, padding, flip, generator, draws)
         draws.append(out)
         return out
 
-    monkeypatch.setattr(data, "random_crop_flip", recording)
+    monkeypatch.setattr(loaders, "random_crop_flip", recording)
     loader = TensorLoader(split, info, None, 32, True, "crop_flip", seed=5, device="cpu")
     loader.set_epoch(2)
     batches = list(loader)

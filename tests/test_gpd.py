@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.data import DatasetInfo, load_dataset
-from bench.engine import Recipe, build_task, fit
+from bench.engine import build_task, fit
+from bench.recipe import Recipe
 from bench.errors import BenchError
 from bench.models import create_model
 from bench.suites import expand, load_suite

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from bench.data import load_dataset
-from bench.engine import Recipe, build_task, fit, seed_everything
+from bench.engine import build_task, fit, seed_everything
+from bench.recipe import Recipe
 from bench.errors import BenchError
 from bench.lockstep import fit_lockstep
 from bench.run.jobs import lockstep_groups

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bench.data import load_dataset
-from bench.engine import Recipe, build_task, fit, seed_everything
+from bench.engine import build_task, fit, seed_everything
+from bench.recipe import Recipe
 from bench.lockstep import fit_lockstep
 from bench.models import create_model
 from methods import MethodContext, build_hparams, get_method

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import yaml
 
 from bench.__main__ import main
-from bench.engine import Recipe
+from bench.recipe import Recipe
 from bench.errors import BenchError
 from bench.models import create_model
 from bench.suites import parse_suite

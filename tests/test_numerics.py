@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bench.data import load_dataset
-from bench.engine import Recipe, apply_numerics, build_task, fit, seed_everything
+from bench.engine import build_task, fit, seed_everything
+from bench.recipe import Recipe, apply_numerics
 from bench.models import create_model
 from methods import MethodContext
 from methods.ce import CrossEntropy

@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from bench.data import load_dataset, make_loader
+from bench.data import load_dataset
+from bench.loaders import make_loader
 from bench.errors import BenchError
 from bench.models import create_model
 from bench.suites import expand, list_suites, load_suite

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import yaml
 
 from bench.data import DatasetInfo, load_dataset
-from bench.engine import Recipe, build_task, fit, make_optimizer
+from bench.engine import build_task, fit
+from bench.recipe import Recipe, make_optimizer
 from bench.errors import BenchError
 from bench.models import create_model
 from bench.suites import expand, load_suite, resolve_suite_path

@@ -1,6 +1,7 @@
 """The layout stays what the README describes: no import circle among ``bench/`` and ``methods/`` (imports inside
 functions and under ``TYPE_CHECKING`` count too), no module of ``bench/`` over 500 lines, and Ray imported by the
-Ray executor alone (so ``--executor local`` and everything but Ray start without it)."""
+Ray executor alone (``bench.run.ray``, its Ray Train part ``bench.run.ray_train``, and sweeps), so ``--executor
+local`` and everything but Ray start without it."""
 from __future__ import annotations
 
 import ast
@@ -120,7 +121,7 @@ def test_only_the_ray_executor_imports_ray():
         names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level]
         if any(m == "ray" or m.startswith("ray.") for m in names):
-            assert name in ("bench.run.ray", "bench.run.sweep"), name
+            assert name in ("bench.run.ray", "bench.run.ray_train", "bench.run.sweep"), name
 
 
 def test_the_local_executor_and_the_report_start_without_ray():

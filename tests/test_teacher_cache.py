@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from bench.data import load_dataset
-from bench.engine import Recipe, build_task, seed_everything
+from bench.engine import build_task, seed_everything
+from bench.recipe import Recipe
 from bench.lockstep import SharedTeacher, fit_lockstep
 from bench.models import create_model
 from bench.teacher_cache import TeacherCache, cache_applies, cache_status, sample_bytes

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from bench.data import load_dataset
-from bench.engine import Recipe, build_task, predict
+from bench.engine import build_task, predict
+from bench.recipe import Recipe
 from bench.errors import BenchError
 from bench.metrics import classification_metrics
 from bench.models import create_model, is_known_model

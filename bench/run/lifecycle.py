@@ -17,6 +17,9 @@ Crash safety: a spec holds an exclusive lock on its run folder while it runs (:f
 drops it when the process dies, even on SIGKILL), so an unfinished MLflow run of a spec nobody holds is resumed,
 and a spec held by a live process (another ``bench run``) is waited for.
 
+On several data-parallel workers (``bench.run.distributed``) every worker builds the same ``Run`` and trains it;
+only rank 0 (``Workspace.main``) starts, logs to and ends the MLflow run, writes the checkpoint and the files.
+
 Not here: which jobs exist (``bench.run.jobs``), where they execute (``bench.run.local``, ``bench.run.ray``).
 """
 from __future__ import annotations
@@ -33,14 +36,16 @@ import numpy as np
 import torch
 
 from bench.calibration import final_calibration
-from bench.data import Splits, describe_loader, run_indices
+from bench.data import Splits, run_indices
+from bench.loaders import describe_loader
+from bench.distributed import TorchDistributed, run_tags as parallel_tags
 from bench.engine import History, atomic_save, build_task, keep_freed_host_memory, seed_everything
 from bench.errors import BenchError
 from bench.lockstep import fit_lockstep
 from bench.locks import exclusive_lock, held_elsewhere
 from bench.models import create_model
 from bench.plugins import provenance
-from bench.provenance import dataset_inputs, run_note, run_tags, scale_tags
+from bench.provenance import dataset_inputs, run_note, run_tags
 from bench.run.jobs import SKIPPED, Outcome, teacher_specs
 from bench.run.options import RunOptions
 from bench.suites import RunSpec
@@ -62,13 +67,25 @@ class Workspace:
     device: torch.device
     run_root: Path
     log: Callable[[str], None] = print
-    world_size: int = 1  # workers training one run together (data parallel); tagged with the global batch
+    distributed: TorchDistributed | None = None  # this process is one of a run's data-parallel workers
+
+    @property
+    def main(self) -> bool:
+        """Whether this process owns the runs' MLflow side and files: one process, or rank 0 of the workers."""
+        return self.distributed is None or self.distributed.rank == 0
 
 
-def provenance_tags(spec: RunSpec, ws: Workspace) -> dict[str, str]:
-    """What produced a run (``bench.provenance``): code, software, hardware, and the run's scale (the recipe's
-    batch is the global batch, whatever the number of workers)."""
-    return {**run_tags(ws.options.invocation, ws.device), **scale_tags(ws.world_size, spec.recipe.batch_size)}
+class WorkerHooks:
+    """The engine hooks of a worker other than rank 0: no MLflow, only the per-epoch callback."""
+
+    def __init__(self, extra: Callable[[int, dict[str, float]], None] | None) -> None:
+        self.extra = extra
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if self.extra is not None:
+            self.extra(epoch, metrics)
+
+
 
 
 @contextmanager
@@ -90,13 +107,15 @@ class Run:
     def __init__(self, spec: RunSpec, ws: Workspace, tags: dict[str, str]) -> None:
         self.spec, self.ws = spec, ws
         self.run_dir = ws.run_root / spec.hash
-        self.run_id, self.resumed = ws.tracker.start(spec.run_name, spec.hash, spec.params(),
-                                                     {**provenance_tags(spec, ws), **tags})  # fmt: skip
-        diff = ws.options.invocation.diff if ws.options.invocation is not None else None
-        if diff is not None:
-            ws.tracker.log_artifact(self.run_id, diff)
+        self.run_id, self.resumed = None, False
+        if ws.main:
+            self.run_id, self.resumed = ws.tracker.start(spec.run_name, spec.hash, spec.params(),
+                                                         {**run_tags(ws.options.invocation, ws.device), **tags})  # fmt: skip
+            diff = ws.options.invocation.diff if ws.options.invocation is not None else None
+            if diff is not None:
+                ws.tracker.log_artifact(self.run_id, diff)
         self.outcome: Outcome | None = None  # set when the run ends
-        if spec.code:
+        if spec.code and ws.main:
             self.record_code()
 
     def record_code(self) -> None:
@@ -118,16 +137,13 @@ class Run:
         spec, ws = self.spec, self.ws
         cls = get_method(spec.method)
         checkpoint = self.run_dir / "checkpoint.pt"
-        if not self.resumed:
+        if ws.main and not self.resumed:
             checkpoint.unlink(missing_ok=True)
         self.task = build_task(
             ws.splits, spec.fraction, spec.seed, spec.recipe, ws.device, **asdict(ws.options.fast),
             train_loader=train_loader, checkpoint_path=checkpoint, target_top1=spec.target_top1,
-            progress=ws.options.progress, description=spec.run_name,
+            progress=ws.options.progress, description=spec.run_name, distributed=ws.distributed,
         )  # fmt: skip
-        ws.tracker.set_tags(self.run_id, {"data": describe_loader(self.task.train_loader),
-                                          "malloc_tuning": keep_freed_host_memory()})  # fmt: skip
-        self.record_data(cls.teacher_mode)
         info = ws.splits.info
         seed_everything(spec.seed)
         student = create_model(spec.student, info.num_classes, info.in_channels)
@@ -136,7 +152,19 @@ class Run:
         hparams = build_hparams(spec.method, spec.hparams, spec.label)
         context = MethodContext(info, self.task.train_loader.num_samples, spec.recipe.epochs)
         self.method = cls(student, teacher_model, hparams, context)
-        self.hooks = EpochLogger(ws.tracker, self.run_id, partial(on_epoch, spec) if on_epoch is not None else None)
+        callback = partial(on_epoch, spec) if on_epoch is not None else None
+        dist = ws.distributed
+        if dist is None:
+            parallel = parallel_tags(spec.recipe)
+        else:  # SyncBatchNorm, the method's own set-up; then rank 0 has removed a stale checkpoint: all may read
+            parallel = dist.tags(spec.recipe, dist.prepare(self.method, spec.recipe))
+            parallel.update({"ddp_note": cls.ddp_note} if cls.ddp_note else {})
+            dist.barrier()
+        if ws.main:
+            ws.tracker.set_tags(self.run_id, {"data": describe_loader(self.task.train_loader),
+                                              "malloc_tuning": keep_freed_host_memory(), **parallel})  # fmt: skip
+            self.record_data(cls.teacher_mode)
+        self.hooks = EpochLogger(ws.tracker, self.run_id, callback) if ws.main else WorkerHooks(callback)
 
     def record_data(self, teacher_mode: str) -> None:
         """The run's data as MLflow dataset inputs (digests of the chosen indices) and its spec as the run's
@@ -151,8 +179,13 @@ class Run:
         self.ws.tracker.set_tags(self.run_id, {"mlflow.note.content": run_note(spec, teacher_mode, len(train))})
 
     def finish(self, history: History, teacher: TeacherRecord | None, tags: dict[str, str]) -> Outcome:
-        """Final metrics, calibration and the student's weights; ends the MLflow run FINISHED."""
+        """Final metrics, calibration and the student's weights; ends the MLflow run FINISHED (a worker other
+        than rank 0 takes part in the calibration's gathered predictions only)."""
         spec, tracker, method = self.spec, self.ws.tracker, self.method
+        if not self.ws.main:
+            final_calibration(method, self.task, None)
+            self.outcome = Outcome(spec.hash, FINISHED)
+            return self.outcome
         if tags:
             tracker.set_tags(self.run_id, tags)
         final = summary_metric_names(history.summary(spec.target_top1))
@@ -176,12 +209,12 @@ class Run:
 
     def fail(self, err: BaseException | str) -> Outcome:
         """End the MLflow run FAILED with the reason (an exception's traceback also goes to ``error.log``)."""
-        reason = err
-        if isinstance(err, BaseException):
+        reason = f"{type(err).__name__}: {err}" if isinstance(err, BaseException) else err
+        if isinstance(err, BaseException) and self.ws.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "error.log").write_text("".join(traceback.format_exception(err)))
-            reason = f"{type(err).__name__}: {err}"
-        self.ws.tracker.end(self.run_id, FAILED, reason)
+        if self.ws.main:
+            self.ws.tracker.end(self.run_id, FAILED, reason)
         self.outcome = Outcome(self.spec.hash, FAILED, error=reason, run_id=self.run_id)
         return self.outcome
 

@@ -12,7 +12,7 @@ from bench.data import Splits, load_dataset
 from bench.engine import FastPaths, pick_device
 from bench.errors import BenchError
 from bench.provenance import Invocation
-from bench.suites import Suite
+from bench.suites import Suite, expand
 from bench.teachers import read_state_dict, use_published_teachers
 from bench.tracking import Tracker, default_tracking_uri
 
@@ -38,6 +38,7 @@ class RunOptions:
     teacher_cache: bool = True  # FastPaths.teacher_cache
     device_data: bool = True  # FastPaths.device_data
     invocation: Invocation | None = None  # set by run_suite / run_sweep: what every run of it records once
+    workers_per_run: int | None = None  # data-parallel workers per run (Ray Train); default: the suite's resources
 
     @property
     def fast(self) -> FastPaths:
@@ -57,6 +58,25 @@ def share_teacher(suite: Suite, options: RunOptions) -> bool:
     return suite.share_teacher if options.share_teacher is None else options.share_teacher
 
 
+def workers_per_run(suite: Suite, options: RunOptions) -> int:
+    return suite.resources.workers_per_run if options.workers_per_run is None else options.workers_per_run
+
+
+def check_workers(suite: Suite, options: RunOptions) -> None:
+    """Several workers per run: the Ray executor, and a global batch that splits evenly over the workers."""
+    workers = workers_per_run(suite, options)
+    if workers < 1:
+        raise BenchError(f"--workers-per-run must be >= 1, got {workers}")
+    if workers > 1 and options.executor != "ray":
+        raise BenchError(f"{workers} workers per run need the Ray executor (Ray Train starts them): drop --executor "
+                         f"{options.executor}")  # fmt: skip
+    for spec in expand(suite) if workers > 1 else []:
+        if spec.recipe.batch_size % workers:
+            raise BenchError(f"{suite.path or suite.name}: recipe.batch_size {spec.recipe.batch_size} ({spec.label}, "
+                             f"{spec.student}) is not divisible by {workers} workers per run: batch_size is the "
+                             f"global batch, each worker takes batch_size / {workers}")  # fmt: skip
+
+
 def torch_threads(cpus: float) -> int:
     """Torch threads of a run given ``cpus`` CPUs (at least one)."""
     return max(1, int(cpus))
@@ -68,6 +88,7 @@ def check_inputs(suite: Suite, options: RunOptions) -> Splits:
     if options.executor not in EXECUTORS:
         raise BenchError(f"unknown executor {options.executor!r} (known: {', '.join(EXECUTORS)})")
     pick_device(options.device)
+    check_workers(suite, options)
     splits = load_dataset(suite.dataset, options.data_root, options.download)
     if options.teacher_dir is not None:  # fills pair.teacher_checkpoint from teachers.yaml (before expand)
         use_published_teachers(suite, options.teacher_dir)

@@ -1,4 +1,5 @@
-"""The Ray Tune executor (the CLI's default), the only module that imports Ray.
+"""The Ray Tune executor (the CLI's default); with its Ray Train part (``bench.run.ray_train``) and sweeps
+(``bench.run.sweep``), the only code that imports Ray.
 
 Every pending spec is one Ray Tune trial, or one per lockstep group (one ``tune.Tuner`` over the job list;
 ``tune.with_resources`` from the suite's ``resources`` or ``--cpus-per-run`` / ``--gpus-per-run``; fractional
@@ -8,6 +9,8 @@ first; a run that distils it is handed out once it has ended (:func:`teachers_fi
 fill the other slots meanwhile. A trial executes its job through ``bench.run.lifecycle.execute``, reports each
 epoch to Tune (``ray.tune.report``, tagged ``kdb_spec``) and one final result per spec, which the driver turns
 into progress events and outcomes. Sweeps (``bench.run.sweep``) use the same trial function and ``tune_jobs``.
+With ``--workers-per-run N`` > 1 a run's trial drives N Ray Train workers instead (``bench.run.ray_train``): the
+resources are per worker, lockstep groups are off, teacher trials keep their resources.
 
 Not here: how a job executes (``bench.run.lifecycle``), the local executor (``bench.run.local``).
 """
@@ -47,8 +50,9 @@ from bench.run.jobs import (
     plan_jobs,
 )
 from bench.run.lifecycle import Workspace, execute as execute_job, prepare_teachers, spec_held
-from bench.run.options import RunOptions, share_teacher, suite_dir, torch_threads
+from bench.run.options import RunOptions, share_teacher, suite_dir, torch_threads, workers_per_run
 from bench.run.progress import Progress
+from bench.run.ray_train import DRIVER_BUNDLE, Workers, numbers as _numbers, quiet as _quiet, run_on_workers
 from bench.suites import RunSpec, Suite
 from bench.tracking import FAILED, FINISHED, KILLED, RUNNING, Tracker
 
@@ -127,8 +131,9 @@ def ray_session(address: str | None = None) -> Iterator[None]:
 
 
 def trial_resources(suite: Suite, options: RunOptions) -> dict[str, float]:
-    """CPUs and GPUs of one trial: ``--cpus-per-run`` / ``--gpus-per-run``, else the suite's ``resources``;
-    GPUs default to 1 per run where the cluster has GPUs (unless ``--device cpu``)."""
+    """CPUs and GPUs of one trial (of each worker of a run on several): ``--cpus-per-run`` / ``--gpus-per-run``,
+    else the suite's ``resources``; GPUs default to 1 per run where the cluster has GPUs (unless ``--device cpu``).
+    A run of N workers must fit the cluster N times."""
     total = ray.cluster_resources()
     cpus = options.cpus_per_run if options.cpus_per_run is not None else suite.resources.cpus
     if options.gpus_per_run is not None:
@@ -143,22 +148,37 @@ def trial_resources(suite: Suite, options: RunOptions) -> dict[str, float]:
         raise BenchError(f"--device cpu with {gpus} GPU(s) per run: drop one of them")
     if gpus > 1 and gpus != int(gpus):
         raise BenchError(f"GPUs per run above 1 must be whole, got {gpus}")
-    for name, need in (("CPU", cpus), ("GPU", gpus)):
+    workers = workers_per_run(suite, options)
+    if workers > 1 and gpus != int(gpus):
+        raise BenchError(f"each of {workers} workers per run needs whole GPUs (NCCL), got {gpus}")
+    what = f"a run of {workers} workers of {cpus:g} CPU(s), {gpus:g} GPU(s)" if workers > 1 else "a run"
+    for name, need in (("CPU", cpus * workers), ("GPU", gpus * workers)):
         if need > total.get(name, 0):
             raise BenchError(
-                f"a run needs {need:g} {name}(s) but the Ray cluster has {total.get(name, 0):g}: "
-                f"lower --{name.lower()}s-per-run (or the suite's resources)"
+                f"{what} needs {need:g} {name}(s) but the Ray cluster has {total.get(name, 0):g}: "
+                f"lower --{name.lower()}s-per-run{' or --workers-per-run' if workers > 1 else ''} (or the suite's "
+                "resources)"
             )
     return {"cpu": float(cpus), "gpu": float(gpus)}
 
 
-def parallel_slots(resources: dict[str, float]) -> int:
-    """How many trials of ``resources`` the cluster runs at once (as it is now)."""
+def parallel_slots(resources: dict[str, float], workers: int = 1) -> int:
+    """How many trials of ``resources`` (each of ``workers`` workers) the cluster runs at once (as it is now)."""
     total = ray.cluster_resources()
-    slots = int(total.get("CPU", 0) // resources["cpu"])
+    slots = int(total.get("CPU", 0) // (resources["cpu"] * workers))
     if resources["gpu"] > 0:
-        slots = min(slots, int(total.get("GPU", 0) // resources["gpu"]))
+        slots = min(slots, int(total.get("GPU", 0) // (resources["gpu"] * workers)))
     return max(slots, 1)
+
+
+def trial_request(ctx: "TrialContext", resources: dict[str, float]) -> Any:
+    """``tune.with_resources``' request: ``resources`` per trial; with several workers per run, a run's trial is
+    their driver and holds none of them (``bench.run.ray_train``), a teacher's trial keeps them."""
+    if ctx.workers == 1:
+        return resources
+    own = tune.PlacementGroupFactory([{"CPU": resources["cpu"], "GPU": resources["gpu"]}])
+    driver = tune.PlacementGroupFactory([DRIVER_BUNDLE])
+    return lambda config: own if isinstance(ctx.resolve(config), TeacherJob) else driver
 
 
 @dataclass
@@ -227,6 +247,12 @@ class TrialContext:
     gpus: float
     metric: str | None = None  # the Tune metric (sweeps): replayed from MLflow for specs already finished
     plugins: Carried = field(default_factory=carried)  # what the driver loaded: loaded first in every trial
+    workers: int = 1  # data-parallel workers per run (Ray Train), each with ``cpus`` CPUs and ``gpus`` GPUs
+    cpus: float = 1.0
+
+    def ray_train(self) -> Workers:
+        return Workers(self.experiment, self.dataset, self.options, self.run_root, self.workers, self.cpus,
+                       self.gpus, self.threads, self.plugins)  # fmt: skip
 
 
 _WORKER_CACHE: dict[tuple, Any] = {}  # per worker process (actors are reused between trials)
@@ -238,14 +264,6 @@ def _cached(key: tuple, build: Callable[[], Any]) -> Any:
     return _WORKER_CACHE[key]
 
 
-def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _quiet(*_: Any) -> None:  # worker output is not forwarded to the driver anyway
-    pass
-
-
 def tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """One Tune trial: a teacher job, one run spec or a lockstep group. Reports every epoch (tagged
     ``kdb_spec``: a group's runs report in turn), then one final result per spec whose ``kdb_status`` /
@@ -254,7 +272,8 @@ def tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     torch.set_num_threads(ctx.threads)
     job = ctx.resolve(config)
     opts = ctx.options
-    device = torch.device("cuda" if ctx.gpus > 0 else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES to our GPU
+    own_gpu = ctx.gpus > 0 and (ctx.workers == 1 or isinstance(job, TeacherJob))  # a driver trial holds none
+    device = torch.device("cuda" if own_gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES to our GPU
     splits = _cached(("splits", ctx.dataset, opts.data_root), lambda: load_dataset(ctx.dataset, opts.data_root))
     if isinstance(job, TeacherJob):
         try:
@@ -279,8 +298,12 @@ def tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         last[spec.hash] = _numbers(metrics)
         tune.report({**last[spec.hash], "kdb_spec": spec.hash})
 
-    ws = Workspace(opts, splits, tracker, device, ctx.run_root, _quiet)
-    for spec, outcome in zip(specs, execute_job(specs, ws, teacher, teacher_error, on_epoch)):
+    if ctx.workers > 1:  # one spec: its workers report their epochs to this trial themselves
+        outcomes = [run_on_workers(specs[0], ctx.ray_train(), teacher, teacher_error, tracker)]
+    else:
+        outcomes = execute_job(specs, Workspace(opts, splits, tracker, device, ctx.run_root, _quiet), teacher,
+                               teacher_error, on_epoch)  # fmt: skip
+    for spec, outcome in zip(specs, outcomes):
         if outcome.status == SKIPPED and ctx.metric and outcome.run_id:  # a scheduler needs the curve
             for step, value in enumerate(tracker.metric_history(outcome.run_id, ctx.metric), start=1):
                 last[spec.hash] = {"epoch": float(step), ctx.metric: value}
@@ -367,7 +390,7 @@ def tune_jobs(
     name: str,
     ctx: TrialContext,
     param_space: dict[str, Any],
-    resources: dict[str, float],
+    resources: dict[str, float],  # per trial (per worker of a run on several: ``trial_request``)
     storage: Path,
     progress: Progress | None,
     tracker: Tracker | None = None,
@@ -380,7 +403,7 @@ def tune_jobs(
     seen: dict[str, dict] = {}
     with tune_folder(storage, name) as folder:
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(tune_trial, ctx=ctx), resources),
+            tune.with_resources(tune.with_parameters(tune_trial, ctx=ctx), trial_request(ctx, resources)),
             param_space=param_space,
             tune_config=tune.TuneConfig(reuse_actors=True, **tune_config),
             run_config=tune.RunConfig(
@@ -439,23 +462,27 @@ def execute(work: Workload, progress: Progress) -> list[Outcome]:
     suite, options, log = work.suite, work.options, work.log
     with ray_session(options.address):
         resources = trial_resources(suite, options)
+        workers = workers_per_run(suite, options)
         opts = absolute_options(options, work.tracker)
         storage = suite_dir(opts, suite) / "ray"
-        log(f"Ray: {resources['cpu']:g} CPU(s), {resources['gpu']:g} GPU(s) per run; Tune state in {storage}")
+        each = f"{workers} data-parallel workers per run (Ray Train), each with " if workers > 1 else ""
+        log(f"Ray: {each}{resources['cpu']:g} CPU(s), {resources['gpu']:g} GPU(s) per run; Tune state in {storage}")
         first: dict[str, TeacherJob] = {}
         for spec in work.specs:
             if spec.teacher_spec is not None:
                 first.setdefault(spec.teacher_spec.hash, TeacherJob(spec))
-        slots = parallel_slots(resources)
+        slots = parallel_slots(resources, workers)
+        share = share_teacher(suite, options) and workers == 1  # a worker sees other samples every epoch
         # the longest jobs (lockstep groups) first, so that none of them is left to run alone at the end
-        planned = sorted(plan_jobs(work.specs, share_teacher(suite, options), slots), key=lambda j: -len(job_specs(j)))
+        planned = sorted(plan_jobs(work.specs, share, slots), key=lambda j: -len(job_specs(j)))
         groups = [j for j in planned if isinstance(j, LockstepJob)]
         if groups:
             log(f"sharing the teacher pass: {sum(len(g.specs) for g in groups)} runs in {len(groups)} lockstep "
                 f"group(s) (--no-share-teacher to run them apart)")  # fmt: skip
         jobs = JobList([*first.values(), *planned])
         ctx = TrialContext(jobs, suite.name, suite.dataset, opts, suite_dir(opts, suite) / "runs",
-                           torch_threads(resources["cpu"]), resources["gpu"])  # fmt: skip
+                           torch_threads(resources["cpu"]), resources["gpu"], workers=workers,
+                           cpus=resources["cpu"])  # fmt: skip
         progress.teachers_pending = len(first)
         outcomes = tune_jobs(
             "runs", ctx, {}, resources, storage, progress, work.tracker,

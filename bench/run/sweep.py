@@ -22,9 +22,9 @@ from bench.report.sweep import SweepReport, final_frame, trial_frame, write_outp
 from bench.run import ray as ray_executor
 from bench.run.jobs import Workload
 from bench.run.lifecycle import prepare_teachers
-from bench.run.options import RunOptions, check_inputs, make_tracker, suite_dir, torch_threads
+from bench.run.options import RunOptions, check_inputs, make_tracker, suite_dir, torch_threads, workers_per_run
 from bench.run.progress import Progress
-from bench.run.ray import TrialContext, absolute_options, ray_session, trial_resources, tune_jobs
+from bench.run.ray import TrialContext, absolute_options, parallel_slots, ray_session, trial_resources, tune_jobs
 from bench.run.suite import live_output
 from bench.suites import RunSpec, Suite
 from bench.sweep import Dimension, Sweep, SweepResolver, final_runs, parse_sweep, select_best, trial_label
@@ -75,11 +75,16 @@ def run_sweep(suite: Suite, options: RunOptions, log=print) -> SweepReport:
     t0 = time.perf_counter()
     with ray_session(options.address):
         resources = trial_resources(suite, options)
+        workers = workers_per_run(suite, options)
         opts = absolute_options(options, tracker)
         ctx = TrialContext(
             SweepResolver(sweep), tracker.experiment, suite.dataset, opts, suite_dir(opts, suite) / "runs",
-            torch_threads(resources["cpu"]), resources["gpu"], metric=settings.metric,
+            torch_threads(resources["cpu"]), resources["gpu"], metric=settings.metric, workers=workers,
+            cpus=resources["cpu"],
         )  # fmt: skip
+        concurrent = settings.max_concurrent
+        if workers > 1:  # a trial drives its workers and holds no CPU: at most as many as fit the cluster
+            concurrent = min(concurrent or parallel_slots(resources, workers), parallel_slots(resources, workers))
         scheduler = None
         if settings.asha is not None:
             scheduler = ASHAScheduler(time_attr="epoch", max_t=sweep.base.recipe.epochs,
@@ -92,7 +97,7 @@ def run_sweep(suite: Suite, options: RunOptions, log=print) -> SweepReport:
             "sweep", ctx, tune_space(sweep), resources, suite_dir(opts, suite) / "ray", progress, tracker,
             metric=settings.metric, mode=settings.mode, scheduler=scheduler, num_samples=settings.num_samples,
             search_alg=BasicVariantGenerator(random_state=settings.search_seed),
-            max_concurrent_trials=settings.max_concurrent,
+            max_concurrent_trials=concurrent,
         )  # fmt: skip
         progress.close()
         trials = trial_frame(sweep, outcomes.values(), tracker)

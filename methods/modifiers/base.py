@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from bench.errors import BenchError
 
 if TYPE_CHECKING:
-    from bench.engine import Recipe, Trainer
+    from bench.recipe import Recipe, Trainer
 
 
 @dataclass

@@ -23,7 +23,7 @@ continues exactly. The method's losses must hold a task term named ``ce`` and at
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ from bench.errors import BenchError
 from methods.modifiers.base import TrainerFactory, register_trainer
 
 if TYPE_CHECKING:
-    from bench.engine import Recipe
+    from bench.recipe import Recipe
 
 TASK_LOSS = "ce"
 
@@ -90,15 +90,19 @@ class DOTTrainer:
     def __init__(self, optimizer: DOTOptimizer) -> None:
         self.optimizer = optimizer
 
-    def update(self, losses: dict[str, Tensor], loss: Tensor) -> None:
+    data_parallel = False  # two backward passes per step: DistributedDataParallel reduces once per forward
+
+    def update(self, losses: dict[str, Tensor], loss: Tensor, after_backward: Callable[[], None]) -> None:
         if TASK_LOSS not in losses or len(losses) < 2:
             raise BenchError(f"dot: needs a task loss {TASK_LOSS!r} and a distillation loss, got {sorted(losses)}")
         distill = sum(v for k, v in losses.items() if k != TASK_LOSS)
         self.optimizer.zero_grad(set_to_none=True)
         distill.backward(retain_graph=True)
+        after_backward()
         self.optimizer.keep_distillation_grads()
         self.optimizer.zero_grad(set_to_none=True)
         losses[TASK_LOSS].backward()
+        after_backward()
         self.optimizer.step()
 
 

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.data import DatasetInfo, Splits, TensorImages, TensorLoader, load_dataset
-from bench.engine import Recipe, Task, build_task, fit, seed_everything
+from bench.data import DatasetInfo, Splits, TensorImages, load_dataset
+from bench.loaders import TensorLoader
+from bench.engine import Task, build_task, fit, seed_everything
+from bench.recipe import Recipe
 from bench.lockstep import fit_lockstep
 from bench.models import create_model
 from bench.suites import expand, load_suite

@@ -1,6 +1,6 @@
 """Write ``results/nightly/report.md`` from a benchmark run's JSON, the previous saved run, the re-measured
 slowdowns (``tests/benchmarks/regressions.py``) and the accuracy check (``python -m bench compare --json``
-of the mini suite against ``tests/benchmarks/baseline/mini-runs.csv``): the four ratios, every median with its
+of the mini suite against ``tests/benchmarks/baseline/mini-runs.csv``): the ratios, every median with its
 change since the last saved run, the step throughputs and the accuracy table.
 
 ``python -m tests.benchmarks.report --json results/nightly/benchmarks.json --status $?``

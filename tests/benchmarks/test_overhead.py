@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from bench.engine import Recipe
+from bench.recipe import Recipe
 from tests.benchmarks.jobs import bare_epoch, build_method, engine_epoch, env_int, synthetic_cifar, timed, train_loader
 
 TEACHER, STUDENT = os.environ.get("KDBENCH_OVERHEAD_PAIR", "resnet56:resnet20").split(":")

@@ -33,7 +33,8 @@ import os
 
 import pytest
 
-from bench.engine import Recipe, fit
+from bench.engine import fit
+from bench.recipe import Recipe
 from tests.benchmarks.jobs import (
     PEER_RECIPE_NOTES,
     build_method,

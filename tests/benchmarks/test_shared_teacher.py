@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from bench.engine import Recipe
+from bench.recipe import Recipe
 from tests.benchmarks.jobs import (
     env_int,
     lockstep_epoch,

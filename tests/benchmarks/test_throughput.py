@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from bench.engine import Recipe, Task, TrainingRun
+from bench.engine import Task, TrainingRun
+from bench.recipe import Recipe
 from bench.errors import BenchError
 from methods import get_method, list_methods
 from tests.benchmarks.jobs import CIFAR100, CPU, build_method, env_int
