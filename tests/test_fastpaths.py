@@ -11,13 +11,13 @@ from PIL import Image
 from torchvision import transforms as T
 
 import bench.data as data
-import bench.loaders as loaders
 import bench.engine as engine
+import bench.loaders as loader_module
 from bench.data import TensorImages, load_dataset
-from bench.loaders import TensorLoader, random_crop_flip
 from bench.engine import build_task, fit, seed_everything
-from bench.recipe import Recipe
+from bench.loaders import TensorLoader, describe_loader, random_crop_flip
 from bench.models import create_model
+from bench.recipe import Recipe
 from methods import MethodContext
 from methods.kd import KD, KDHparams
 
@@ -65,7 +65,7 @@ def test_host_memory_loader_yields_the_same_batches(augment, train, with_indices
     for loader in loaders:
         loader.with_indices = with_indices
         loader.set_epoch(1)
-    assert not loaders[1].resident and loaders.describe_loader(loaders[1]).startswith("uint8 tensors in host memory")
+    assert not loaders[1].resident and describe_loader(loaders[1]).startswith("uint8 tensors in host memory")
     for a, b in zip(*loaders, strict=True):
         for ta, tb in zip(a, b, strict=True):
             assert torch.equal(ta, tb)
@@ -92,7 +92,7 @@ def test_tensor_loader_equals_torchvision_pipeline(monkeypatch):
         draws.append(out)
         return out
 
-    monkeypatch.setattr(loaders, "random_crop_flip", recording)
+    monkeypatch.setattr(loader_module, "random_crop_flip", recording)
     loader = TensorLoader(split, info, None, 32, True, "crop_flip", seed=5, device="cpu")
     loader.set_epoch(2)
     batches = list(loader)
