@@ -99,6 +99,11 @@ def make_optimizer(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Op
     )
 
 
+def nothing() -> None:
+    """The ``after_backward`` of a run in one process."""
+    pass
+
+
 class Trainer(Protocol):
     """How a training step turns a method's named losses into a parameter update (``TrainingRun.step``).
 
@@ -109,15 +114,11 @@ class Trainer(Protocol):
 
     data_parallel: bool  # whether it runs on several data-parallel workers (one backward pass per step)
 
-    def update(self, losses: dict[str, torch.Tensor], loss: torch.Tensor, after_backward: Callable[[], None]) -> None:
+    def update(self, losses: dict[str, torch.Tensor], loss: torch.Tensor,
+               after_backward: Callable[[], None] = nothing) -> None:
         """One update from the step's named ``losses`` and their sum ``loss``; ``after_backward`` after each
         backward pass (a data-parallel run's gradient hooks)."""
         ...
-
-
-def nothing() -> None:
-    """The ``after_backward`` of a run in one process."""
-    pass
 
 
 class SGDTrainer:
@@ -129,7 +130,8 @@ class SGDTrainer:
         self.params, self.recipe = params, recipe
         self.optimizer = make_optimizer(params, recipe)
 
-    def update(self, losses: dict[str, torch.Tensor], loss: torch.Tensor, after_backward: Callable[[], None]) -> None:
+    def update(self, losses: dict[str, torch.Tensor], loss: torch.Tensor,
+               after_backward: Callable[[], None] = nothing) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         after_backward()

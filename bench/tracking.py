@@ -112,13 +112,15 @@ def enable_wal(db: Path) -> None:
     with_retry(switch)
 
 
-def with_retry(fn: Callable[[], T], attempts: int = 8, delay: float = 0.2) -> T:
-    """Retry ``fn`` on transient store errors (e.g. sqlite "database is locked" with concurrent writers)."""
+def with_retry(fn: Callable[[], T], attempts: int = 8, delay: float = 0.2,
+               transient: tuple[str, ...] = ("locked", "busy")) -> T:
+    """Retry ``fn`` on transient store errors: those whose message contains one of ``transient`` (by default
+    sqlite's "database is locked" with concurrent writers)."""
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as err:  # mlflow wraps sqlalchemy errors in MlflowException
-            if "locked" not in str(err).lower() and "busy" not in str(err).lower() or attempt == attempts - 1:
+            if not any(word in str(err).lower() for word in transient) or attempt == attempts - 1:
                 raise
             time.sleep(delay * (2**attempt))
     raise AssertionError("unreachable")
@@ -141,7 +143,7 @@ class Tracker:
         self.uri = tracking_uri
         self.experiment = experiment
         check_server(tracking_uri)
-        db = sqlite_path(tracking_uri)
+        self.db = db = sqlite_path(tracking_uri)
         with store_lock(db):
             self.client = MlflowClient(tracking_uri=tracking_uri)
             exp = with_retry(lambda: self.client.get_experiment_by_name(experiment))  # creates the store
@@ -248,8 +250,15 @@ class Tracker:
             with_retry(lambda: self.client.log_batch(run_id, metrics=items[start : start + 500]))
 
     def log_inputs(self, run_id: str, datasets: list) -> None:
-        """MLflow dataset inputs (``mlflow.entities.DatasetInput``, see ``bench.provenance.dataset_inputs``)."""
-        with_retry(lambda: self.client.log_inputs(run_id, datasets=datasets))
+        """MLflow dataset inputs (``mlflow.entities.DatasetInput``, see ``bench.provenance.dataset_inputs``).
+
+        A dataset is one row per experiment that every run links to, and MLflow finds-or-inserts it in two
+        statements: two processes logging the same dataset at once both insert and one fails its run with
+        "UNIQUE constraint failed" (seen in ``tests/test_two_at_once.py``). So the sqlite store is written under
+        its lock, and a unique-constraint error (a tracking server's own race) is retried: the retry finds the row."""
+        with store_lock(self.db):
+            with_retry(lambda: self.client.log_inputs(run_id, datasets=datasets),
+                       transient=("locked", "busy", "unique"))
 
     def log_artifact(self, run_id: str, path: Path) -> None:
         with_retry(lambda: self.client.log_artifact(run_id, str(path)))

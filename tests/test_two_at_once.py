@@ -63,7 +63,7 @@ def check_two(tmp_path: Path, suite: Path, procs, repeats: int) -> None:
     specs = expand(parse_suite(yaml.safe_load(suite.read_text()), suite))
     for i in range(repeats):
         results = [json.loads((tmp_path / f"rep{i}-{me}.json").read_text()) for me in "ab"]
-        assert [r["code"] for r in results] == [0, 0], (i, logs)
+        assert [r["code"] for r in results] == [0, 0], (i, logs, [r["stdout"][-3000:] for r in results])
         assert table_of(results[0]["stdout"]) == table_of(results[1]["stdout"]), i
         folder = tmp_path / f"rep{i}"
         tracker = Tracker("twice", f"sqlite:///{folder / 'mlflow.db'}", folder / "mlartifacts")

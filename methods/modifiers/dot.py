@@ -23,16 +23,14 @@ continues exactly. The method's losses must hold a task term named ``ce`` and at
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from bench.errors import BenchError
+from bench.recipe import Recipe, nothing
 from methods.modifiers.base import TrainerFactory, register_trainer
-
-if TYPE_CHECKING:
-    from bench.recipe import Recipe
 
 TASK_LOSS = "ce"
 
@@ -92,7 +90,8 @@ class DOTTrainer:
 
     data_parallel = False  # two backward passes per step: DistributedDataParallel reduces once per forward
 
-    def update(self, losses: dict[str, Tensor], loss: Tensor, after_backward: Callable[[], None]) -> None:
+    def update(self, losses: dict[str, Tensor], loss: Tensor,
+               after_backward: Callable[[], None] = nothing) -> None:
         if TASK_LOSS not in losses or len(losses) < 2:
             raise BenchError(f"dot: needs a task loss {TASK_LOSS!r} and a distillation loss, got {sorted(losses)}")
         distill = sum(v for k, v in losses.items() if k != TASK_LOSS)
