@@ -135,10 +135,11 @@ def test_every_method_of_the_crd_suites_takes_a_training_step(cifar_batch, suite
     context = MethodContext(info, len(train_targets), suite.recipe.epochs)
     for spec in specs:
         cls = get_method(spec.method)
-        teacher = {"offline": frozen_teacher, "online": create_model(teacher_name, info.num_classes, info.in_channels)}
+        teacher = {"offline": lambda: frozen_teacher, "none": lambda: None,
+                   "online": lambda: create_model(teacher_name, info.num_classes, info.in_channels)}[cls.teacher_mode]
         student = create_model(student_name, info.num_classes, info.in_channels)
         hparams = build_hparams(spec.method, spec.hparams, spec.label)
-        method = cls(student, teacher.get(cls.teacher_mode), hparams, context)
+        method = cls(student, teacher(), hparams, context)
         method.train()
         method.on_epoch_start(0)
         args = (x, y)
