@@ -408,7 +408,7 @@ def build_task(
     ``task_fields``: the other :class:`Task` fields (``checkpoint_path``, ``target_top1``, ``progress``,
     ``description``)."""
     from bench.data import run_indices
-    from bench.loaders import make_loader
+    from bench.loaders import LoaderSpec, make_loader
 
     shard = (distributed.rank, distributed.world_size) if distributed is not None else None
     train_idx, val = run_indices(splits.train.target_array(), fraction, seed, recipe.val_fraction)
@@ -416,8 +416,8 @@ def build_task(
 
     def loader(data, indices, train: bool) -> Loader:
         bs = recipe.batch_size if train else recipe.eval_batch_size
-        return make_loader(data, info, indices, bs, train, recipe.augment if train else "none", seed, device,
-                           device_data, shard)  # fmt: skip
+        augment = recipe.augment if train else "none"
+        return make_loader(data, LoaderSpec(info, indices, bs, train, augment, seed, device, shard), device_data)
 
     eval_loaders = {"test": loader(splits.test, None, False)}
     if len(val):

@@ -17,6 +17,7 @@ Not here: the datasets themselves and the data fractions (``bench.data``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -40,6 +41,22 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
     def __len__(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What a loader yields, whatever holds the images: which samples (``indices`` into the split, None: all),
+    in batches of ``batch_size`` (the global batch when sharded), shuffled and augmented (``augment``) when
+    ``train``, drawn from ``seed``; on ``device``; ``shard``: (rank, world) of a data-parallel worker."""
+
+    info: DatasetInfo
+    indices: np.ndarray | None
+    batch_size: int
+    train: bool
+    augment: str
+    seed: int
+    device: torch.device | str
+    shard: tuple[int, int] | None = None
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -84,26 +101,15 @@ class TensorLoader:
     ``last_index`` holds the positions in the split (a CPU tensor) of the samples of the batch yielded
     last, whether or not ``with_indices`` is set (the teacher cache keys on it)."""
 
-    def __init__(
-        self,
-        data: TensorImages,
-        info: DatasetInfo,
-        indices: np.ndarray | None,
-        batch_size: int,
-        train: bool,
-        augment: str,
-        seed: int,
-        device: torch.device | str,
-        resident: bool = True,
-        shard: tuple[int, int] | None = None,
-    ) -> None:
+    def __init__(self, data: TensorImages, spec: LoaderSpec, resident: bool = True) -> None:
+        info, indices, batch_size, train, shard = spec.info, spec.indices, spec.batch_size, spec.train, spec.shard
         idx = torch.as_tensor(indices if indices is not None else np.arange(len(data)), dtype=torch.long)
-        self.device = torch.device(device)
+        self.device = device = torch.device(spec.device)
         self.resident = resident
         self.images = data.images[idx].to(self.device) if self.resident else data.images[idx].contiguous()
         self.targets = data.targets[idx].to(device)
         self.num_samples = len(idx)
-        self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
+        self.batch_size, self.train, self.augment, self.seed = batch_size, train, spec.augment, spec.seed
         self.padding = max(1, info.image_size // 8)
         self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
@@ -150,21 +156,11 @@ class TensorLoader:
 class FolderLoader:
     """DataLoader over an ImageFolder split (persistent worker processes, pinned memory), moved to the device."""
 
-    def __init__(
-        self,
-        data: FolderImages,
-        info: DatasetInfo,
-        indices: np.ndarray | None,
-        batch_size: int,
-        train: bool,
-        augment: str,
-        seed: int,
-        device: torch.device | str,
-        workers: int | None = None,
-        shard: tuple[int, int] | None = None,
-    ) -> None:
+    def __init__(self, data: FolderImages, spec: LoaderSpec, workers: int | None = None) -> None:
         from torchvision import transforms as T
 
+        info, indices, batch_size, train, augment, shard = (
+            spec.info, spec.indices, spec.batch_size, spec.train, spec.augment, spec.shard)  # fmt: skip
         size = info.image_size
         norm = [T.ToTensor(), T.Normalize(info.mean, info.std)]
         if train and augment != "none":
@@ -178,9 +174,9 @@ class FolderLoader:
         self.with_indices = False
         dataset = _WithIndex(dataset)
         self.num_samples = len(dataset)
-        self.device = torch.device(device)
+        self.device = torch.device(spec.device)
         self.generator = torch.Generator()
-        self.seed, self.train, self.batch_size = seed, train, batch_size
+        self.seed, self.train, self.batch_size = spec.seed, train, batch_size
         self.rank, self.world = shard or (0, 1)
         self.batch_weight = 1.0  # as TensorLoader's
         check_shard(self.num_samples, batch_size, self.world, train)
@@ -242,23 +238,13 @@ class _WithIndex(torch.utils.data.Dataset):
         return x, y, i
 
 
-def make_loader(
-    data: Images,
-    info: DatasetInfo,
-    indices: np.ndarray | None,
-    batch_size: int,
-    train: bool,
-    augment: str,
-    seed: int,
-    device: torch.device | str,
-    device_data: bool = True,
-    shard: tuple[int, int] | None = None,
-) -> Loader:
+def make_loader(data: Images, spec: LoaderSpec, device_data: bool = True) -> Loader:
     """A ``TensorLoader`` for a tensor split (on the device unless ``device_data`` is false), else a
-    ``FolderLoader``; ``shard``: (rank, world) of a data-parallel worker (module docstring)."""
-    if augment not in AUGMENTATIONS + ("auto",):
-        raise BenchError(f"unknown augment {augment!r} (known: auto, {', '.join(AUGMENTATIONS)})")
-    augment = info.default_augment if augment == "auto" else augment
+    ``FolderLoader``; ``spec.augment`` may be ``auto`` (the dataset's default)."""
+    if spec.augment not in AUGMENTATIONS + ("auto",):
+        raise BenchError(f"unknown augment {spec.augment!r} (known: auto, {', '.join(AUGMENTATIONS)})")
+    if spec.augment == "auto":
+        spec = replace(spec, augment=spec.info.default_augment)
     if isinstance(data, TensorImages):
-        return TensorLoader(data, info, indices, batch_size, train, augment, seed, device, device_data, shard)
-    return FolderLoader(data, info, indices, batch_size, train, augment, seed, device, shard=shard)
+        return TensorLoader(data, spec, resident=device_data)
+    return FolderLoader(data, spec)

@@ -23,34 +23,30 @@ def topk_accuracy(logits: Tensor, targets: Tensor, k: int = 1) -> float:
     return 100.0 * hits.float().mean().item()
 
 
+def _confidence_bins(logits: Tensor, targets: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per equal-width bin ``(i/n, (i+1)/n]`` of the top-1 confidence: the sample count, the summed confidence
+    and the number of correct predictions."""
+    confidence, predicted = logits.float().softmax(dim=1).max(dim=1)
+    bins = torch.clamp(torch.ceil(confidence * n_bins).long() - 1, 0, n_bins - 1)
+    count = torch.bincount(bins, minlength=n_bins).float()
+    conf_sum = torch.bincount(bins, weights=confidence, minlength=n_bins)
+    return count, conf_sum, torch.bincount(bins, weights=predicted.eq(targets).float(), minlength=n_bins)
+
+
 def expected_calibration_error(logits: Tensor, targets: Tensor, n_bins: int = 15) -> float:
     """ECE (in percent) of the top-1 prediction with ``n_bins`` equal-width confidence bins.
 
     ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)|, bins ``(i/n, (i+1)/n]`` (Guo et al. 2017).
     """
-    probs = logits.float().softmax(dim=1)
-    confidence, predicted = probs.max(dim=1)
-    correct = predicted.eq(targets).float()
-    bins = torch.clamp(torch.ceil(confidence * n_bins).long() - 1, 0, n_bins - 1)
-    count = torch.bincount(bins, minlength=n_bins).float()
-    conf_sum = torch.bincount(bins, weights=confidence, minlength=n_bins)
-    acc_sum = torch.bincount(bins, weights=correct, minlength=n_bins)
+    _, conf_sum, acc_sum = _confidence_bins(logits, targets, n_bins)
     return 100.0 * ((conf_sum - acc_sum).abs().sum() / len(targets)).item()
 
 
 def reliability_bins(logits: Tensor, targets: Tensor, n_bins: int = 15) -> dict[str, list[float]]:
     """Per-bin count, mean confidence and accuracy, for reliability diagrams."""
-    probs = logits.float().softmax(dim=1)
-    confidence, predicted = probs.max(dim=1)
-    correct = predicted.eq(targets).float()
-    bins = torch.clamp(torch.ceil(confidence * n_bins).long() - 1, 0, n_bins - 1)
-    count = torch.bincount(bins, minlength=n_bins).float()
+    count, conf_sum, acc_sum = _confidence_bins(logits, targets, n_bins)
     safe = count.clamp(min=1)
-    return {
-        "count": count.tolist(),
-        "confidence": (torch.bincount(bins, weights=confidence, minlength=n_bins) / safe).tolist(),
-        "accuracy": (torch.bincount(bins, weights=correct, minlength=n_bins) / safe).tolist(),
-    }
+    return {"count": count.tolist(), "confidence": (conf_sum / safe).tolist(), "accuracy": (acc_sum / safe).tolist()}
 
 
 def classification_metrics(logits: Tensor, targets: Tensor, n_bins: int = 15) -> dict[str, float]:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bench.data import fraction_indices, holdout_indices, load_dataset
-from bench.loaders import make_loader
+from bench.loaders import LoaderSpec, make_loader
 from bench.errors import BenchError
 from tests.fixtures import write_cifar, write_image_folder
 
@@ -75,10 +75,10 @@ def test_missing_dataset_errors_are_one_line_bench_errors(tmp_path):
 
 
 def test_image_folder_loader_yields_normalised_224_batches(tmp_path):
-    root = write_image_folder(tmp_path / "imagewoof", num_classes=10, per_class=2, size=40)
+    write_image_folder(tmp_path / "imagewoof", num_classes=10, per_class=2, size=40)
     splits = load_dataset("imagewoof", tmp_path)
     assert len(splits.train) == 20
-    loader = make_loader(splits.train, splits.info, np.arange(0, 20, 2), 4, True, "auto", 0, "cpu")
+    loader = make_loader(splits.train, LoaderSpec(splits.info, np.arange(0, 20, 2), 4, True, "auto", 0, "cpu"))
     loader.set_epoch(0)
     batches = list(loader)
     assert sum(len(y) for _, y in batches) == 10
@@ -95,7 +95,7 @@ def test_image_folder_workers_follow_the_process_cpu_share(tmp_path, threads, wo
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        loader = make_loader(splits.train, splits.info, None, 4, True, "auto", 0, "cpu")
+        loader = make_loader(splits.train, LoaderSpec(splits.info, None, 4, True, "auto", 0, "cpu"))
     finally:
         torch.set_num_threads(before)
     assert loader.loader.num_workers == workers
@@ -111,7 +111,7 @@ def test_tensor_loader_order_depends_on_seed_and_epoch_only():
     splits = load_dataset("digits")
 
     def first_targets(seed, epoch):
-        loader = make_loader(splits.train, splits.info, None, 32, True, "crop", seed, "cpu")
+        loader = make_loader(splits.train, LoaderSpec(splits.info, None, 32, True, "crop", seed, "cpu"))
         loader.set_epoch(epoch)
         x, y = next(iter(loader))
         return x, y
@@ -124,6 +124,6 @@ def test_tensor_loader_order_depends_on_seed_and_epoch_only():
 
 def test_eval_loader_covers_the_split_in_order():
     splits = load_dataset("digits")
-    loader = make_loader(splits.test, splits.info, None, 100, False, "crop_flip", 0, "cpu")
+    loader = make_loader(splits.test, LoaderSpec(splits.info, None, 100, False, "crop_flip", 0, "cpu"))
     ys = torch.cat([y for _, y in loader])
     assert torch.equal(ys, splits.test.targets)

@@ -16,7 +16,7 @@ import yaml
 
 from bench import data
 from bench.data import FolderImages, TensorImages, load_dataset
-from bench.loaders import FolderLoader, TensorLoader
+from bench.loaders import FolderLoader, LoaderSpec, TensorLoader
 from bench.recipe import Recipe
 from bench.errors import BenchError
 from bench.run import RunOptions
@@ -40,7 +40,7 @@ def test_the_workers_batches_together_are_exactly_one_process_batch(augment):
     split = TensorImages(torch.from_numpy(rng.integers(0, 256, (n, 3, 16, 16), dtype=np.uint8)), torch.arange(n) % 10)
 
     def batches(shard, train=True):
-        loader = TensorLoader(split, INFO, None, 32, train, augment, seed=3, device="cpu", shard=shard)
+        loader = TensorLoader(split, LoaderSpec(INFO, None, 32, train, augment, seed=3, device="cpu", shard=shard))
         loader.with_indices = train
         loader.set_epoch(4)
         out = []
@@ -65,8 +65,8 @@ def test_folder_loader_workers_take_their_rows_of_one_process_batches(tmp_path):
     info = replace(INFO, image_size=16)
 
     def indices(shard):
-        loader = FolderLoader(FolderImages(tmp_path / "f" / "train", True), info, None, 6, True, "crop_flip", 1, "cpu",
-                              workers=0, shard=shard)  # fmt: skip
+        spec = LoaderSpec(info, None, 6, True, "crop_flip", 1, "cpu", shard=shard)
+        loader = FolderLoader(FolderImages(tmp_path / "f" / "train", True), spec, workers=0)
         loader.with_indices = True
         loader.set_epoch(2)
         return [b[2] for b in loader]

@@ -15,7 +15,7 @@ import bench.engine as engine
 import bench.loaders as loader_module
 from bench.data import TensorImages, load_dataset
 from bench.engine import build_task, fit, seed_everything
-from bench.loaders import TensorLoader, describe_loader, random_crop_flip
+from bench.loaders import LoaderSpec, TensorLoader, describe_loader, random_crop_flip
 from bench.models import create_model
 from bench.recipe import Recipe
 from methods import MethodContext
@@ -61,7 +61,7 @@ def test_host_memory_loader_yields_the_same_batches(augment, train, with_indices
     split = TensorImages(torch.from_numpy(rng.integers(0, 256, (50, 3, 32, 32), dtype=np.uint8)), torch.arange(50))
     info = data.DatasetInfo("c", 10, 3, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "crop_flip")
     indices = np.arange(3, 50, 2)
-    loaders = [TensorLoader(split, info, indices, 8, train, augment, 3, "cpu", resident=r) for r in (True, False)]
+    loaders = [TensorLoader(split, LoaderSpec(info, indices, 8, train, augment, 3, "cpu"), resident=r) for r in (True, False)]
     for loader in loaders:
         loader.with_indices = with_indices
         loader.set_epoch(1)
@@ -93,7 +93,7 @@ def test_tensor_loader_equals_torchvision_pipeline(monkeypatch):
         return out
 
     monkeypatch.setattr(loader_module, "random_crop_flip", recording)
-    loader = TensorLoader(split, info, None, 32, True, "crop_flip", seed=5, device="cpu")
+    loader = TensorLoader(split, LoaderSpec(info, None, 32, True, "crop_flip", seed=5, device="cpu"))
     loader.set_epoch(2)
     batches = list(loader)
     assert [len(y) for _, y in batches] == [32, 32, 6]

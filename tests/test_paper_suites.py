@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench.data import load_dataset
-from bench.loaders import make_loader
+from bench.loaders import LoaderSpec, make_loader
 from bench.errors import BenchError
 from bench.models import create_model
 from bench.suites import expand, list_suites, load_suite
@@ -112,7 +112,7 @@ def cifar_batch(tmp_path_factory):
 
     root = write_cifar(tmp_path_factory.mktemp("cifar"), num_classes=100, train_per_class=1, test_per_class=1)
     splits = load_dataset("cifar100", root)
-    loader = make_loader(splits.train, splits.info, None, 2, False, "none", 0, "cpu")
+    loader = make_loader(splits.train, LoaderSpec(splits.info, None, 2, False, "none", 0, "cpu"))
     x, y = next(iter(loader))
     return splits.info, x, y, splits.train.targets
 

@@ -178,7 +178,6 @@ def test_other_inputs_go_to_the_real_teacher(splits, teacher_state):
     cached, _, sizes, _ = train(splits, teacher_state, FlipKD, KDHparams(), cache=True)
     assert_same(plain, cached)
     batches = epoch_batch_sizes(task)
-    later = RECIPE.epochs - 1
     # as cache_model, plus the flipped batch of every step (not the bound batch: always the real teacher)
     _, misses, hits, bypassed = cache_model(task, RECIPE.epochs)
     assert len(sizes) == 1 + misses + bypassed + len(batches) * RECIPE.epochs
@@ -219,7 +218,6 @@ def test_lockstep_with_cache_equals_separate_uncached_runs(splits, teacher_state
     methods = [make_method(cls, hp, teacher, task, splits) for (cls, hp), task in zip(configs, tasks)]
     counter = CountingTeacher(teacher)
     results = fit_lockstep(methods, tasks, RECIPE)
-    batches = epoch_batch_sizes(tasks[0])
     passes, _, hits, _ = cache_model(tasks[0], RECIPE.epochs)
     assert counter.sizes == [1] * len(configs) + passes  # a probe per run, then the passes of one run
     for (history, state), result, method in zip(reference, results, methods):

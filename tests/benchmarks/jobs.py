@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.data import DatasetInfo, Splits, TensorImages, load_dataset
-from bench.loaders import TensorLoader
+from bench.loaders import LoaderSpec, TensorLoader
 from bench.engine import Task, build_task, fit, seed_everything
 from bench.recipe import Recipe
 from bench.lockstep import fit_lockstep
@@ -82,7 +82,7 @@ def one_epoch(recipe: Recipe) -> Recipe:
 
 # ---- harness overhead: the engine's epoch vs a bare PyTorch loop -------------------------------------
 def train_loader(data: TensorImages, batch_size: int, seed: int = 0) -> TensorLoader:
-    return TensorLoader(data, CIFAR100, None, batch_size, True, "crop_flip", seed, CPU)
+    return TensorLoader(data, LoaderSpec(CIFAR100, None, batch_size, True, "crop_flip", seed, CPU))
 
 
 def engine_epoch(method, loader, recipe: Recipe) -> None:
