@@ -45,3 +45,15 @@ def run_blocks_preact(blocks: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]
     for block in blocks[:-1]:
         x = block(x)
     return blocks[-1].forward_preact(x)
+
+
+class LayerStages:
+    """Stages for a :class:`~bench.models.base.StagedNet` whose stage ``i`` is the ``nn.Sequential`` of blocks
+    ``layer{i + 1}`` (RepDistiller's names, kept so its checkpoints load) and whose blocks' last one has
+    ``forward_preact``. Put it before ``StagedNet`` among the bases."""
+
+    def forward_stage(self, index: int, x: Tensor) -> Tensor:
+        return getattr(self, f"layer{index + 1}")(x)
+
+    def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        return run_blocks_preact(getattr(self, f"layer{index + 1}"), x)

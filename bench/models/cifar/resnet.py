@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models.base import StagedNet
-from bench.models.cifar._common import init_kaiming_fan_out, reject_options, run_blocks_preact
+from bench.models.cifar._common import LayerStages, init_kaiming_fan_out, reject_options
 from bench.models.registry import register_model
 
 
@@ -52,7 +52,7 @@ class BasicBlock(nn.Module):
         return self.forward_preact(x)[0]
 
 
-class CifarResNet(StagedNet):
+class CifarResNet(LayerStages, StagedNet):
     def __init__(self, depth: int, widths: list[int], num_classes: int = 100, in_channels: int = 3):
         super().__init__()
         if (depth - 2) % 6 != 0:
@@ -88,12 +88,6 @@ class CifarResNet(StagedNet):
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.relu(self.bn1(self.conv1(x)))
-
-    def forward_stage(self, index: int, x: Tensor) -> Tensor:
-        return (self.layer1, self.layer2, self.layer3)[index](x)
-
-    def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        return run_blocks_preact((self.layer1, self.layer2, self.layer3)[index], x)
 
     def forward_pool(self, x: Tensor) -> Tensor:
         return self.avgpool(x).flatten(1)

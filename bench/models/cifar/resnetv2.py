@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models.base import StagedNet
-from bench.models.cifar._common import init_kaiming_fan_out, reject_options, run_blocks_preact
+from bench.models.cifar._common import LayerStages, init_kaiming_fan_out, reject_options
 from bench.models.registry import register_model
 
 
@@ -51,7 +51,7 @@ class Bottleneck(nn.Module):
         return self.forward_preact(x)[0]
 
 
-class ResNetV2(StagedNet):
+class ResNetV2(LayerStages, StagedNet):
     def __init__(
         self,
         num_blocks: tuple[int, int, int, int] = (3, 4, 6, 3),
@@ -89,12 +89,6 @@ class ResNetV2(StagedNet):
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return F.relu(self.bn1(self.conv1(x)))
-
-    def forward_stage(self, index: int, x: Tensor) -> Tensor:
-        return (self.layer1, self.layer2, self.layer3, self.layer4)[index](x)
-
-    def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        return run_blocks_preact((self.layer1, self.layer2, self.layer3, self.layer4)[index], x)
 
     def forward_pool(self, x: Tensor) -> Tensor:
         return self.avgpool(x).flatten(1)

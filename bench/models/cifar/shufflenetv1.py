@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models.base import StagedNet
-from bench.models.cifar._common import reject_options, run_blocks_preact
+from bench.models.cifar._common import LayerStages, reject_options
 from bench.models.registry import register_model
 
 
@@ -67,7 +67,7 @@ class Bottleneck(nn.Module):
         return self.forward_preact(x)[0]
 
 
-class ShuffleNetV1(StagedNet):
+class ShuffleNetV1(LayerStages, StagedNet):
     def __init__(
         self,
         out_planes: tuple[int, int, int] = (240, 480, 960),
@@ -101,12 +101,6 @@ class ShuffleNetV1(StagedNet):
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return F.relu(self.bn1(self.conv1(x)))
-
-    def forward_stage(self, index: int, x: Tensor) -> Tensor:
-        return (self.layer1, self.layer2, self.layer3)[index](x)
-
-    def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        return run_blocks_preact((self.layer1, self.layer2, self.layer3)[index], x)
 
     def forward_pool(self, x: Tensor) -> Tensor:
         return self.avgpool(x).flatten(1)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models.base import StagedNet
-from bench.models.cifar._common import reject_options, run_blocks_preact
+from bench.models.cifar._common import LayerStages, reject_options
 from bench.models.registry import register_model
 
 CONFIGS = {
@@ -112,7 +112,7 @@ class DownBlock(nn.Module):
         return self.shuffle(torch.cat([left, right], 1))
 
 
-class ShuffleNetV2(StagedNet):
+class ShuffleNetV2(LayerStages, StagedNet):
     def __init__(self, net_size: float = 1, num_classes: int = 100, in_channels: int = 3):
         super().__init__()
         out_channels = CONFIGS[net_size]["out_channels"]
@@ -140,12 +140,6 @@ class ShuffleNetV2(StagedNet):
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return F.relu(self.bn1(self.conv1(x)))
-
-    def forward_stage(self, index: int, x: Tensor) -> Tensor:
-        return (self.layer1, self.layer2, self.layer3)[index](x)
-
-    def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        return run_blocks_preact((self.layer1, self.layer2, self.layer3)[index], x)
 
     def activate(self, index: int, preact: Tensor) -> Tensor:
         return self.layer1[-1].shuffle(F.relu(preact))  # every block shuffles with 2 groups
