@@ -57,3 +57,16 @@ class LayerStages:
 
     def forward_stage_preact(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
         return run_blocks_preact(getattr(self, f"layer{index + 1}"), x)
+
+
+class ShuffleBlock(nn.Module):
+    """ShuffleNet's channel shuffle: ``groups`` groups of channels interleaved (no parameters)."""
+
+    def __init__(self, groups: int = 2):
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        g = self.groups
+        return x.view(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)

@@ -19,19 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models.base import StagedNet
-from bench.models.cifar._common import LayerStages, reject_options
+from bench.models.cifar._common import LayerStages, ShuffleBlock, reject_options
 from bench.models.registry import register_model
-
-
-class ShuffleBlock(nn.Module):
-    def __init__(self, groups: int):
-        super().__init__()
-        self.groups = groups
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        g = self.groups
-        return x.view(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
 
 
 class Bottleneck(nn.Module):

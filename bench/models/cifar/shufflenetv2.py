@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models.base import StagedNet
-from bench.models.cifar._common import LayerStages, reject_options
+from bench.models.cifar._common import LayerStages, ShuffleBlock, reject_options
 from bench.models.registry import register_model
 
 CONFIGS = {
@@ -33,17 +33,6 @@ CONFIGS = {
     1.5: {"out_channels": (176, 352, 704, 1024), "num_blocks": (3, 7, 3)},
     2: {"out_channels": (224, 488, 976, 2048), "num_blocks": (3, 7, 3)},
 }
-
-
-class ShuffleBlock(nn.Module):
-    def __init__(self, groups: int = 2):
-        super().__init__()
-        self.groups = groups
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        g = self.groups
-        return x.view(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
 
 
 class SplitBlock(nn.Module):
