@@ -252,14 +252,14 @@ def content_hash(data: Any) -> str:
 
 def resolve_suite_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.exists():
+    is_file = path.suffix in (".yaml", ".yml")
+    candidate = path if is_file else SUITES_DIR / f"{name_or_path}.yaml"
+    if candidate.stem in NOT_SUITES and candidate.resolve().parent == SUITES_DIR.resolve():
+        raise BenchError(f"{name_or_path} is the manifest of published teachers (read by --teacher-dir), not a suite")
+    if not candidate.exists():
+        if is_file:
             raise BenchError(f"suite file {path} not found")
-        return path
-    candidate = SUITES_DIR / f"{name_or_path}.yaml"
-    if not candidate.exists() or candidate.stem in NOT_SUITES:
-        known = ", ".join(list_suites())
-        raise BenchError(f"unknown suite {str(name_or_path)!r} (known: {known})")
+        raise BenchError(f"unknown suite {str(name_or_path)!r} (known: {', '.join(list_suites())})")
     return candidate
 
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from bench.errors import BenchError
-from bench.suites import expand, load_suite
+from bench.suites import SUITES_DIR, expand, load_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,6 +91,9 @@ def test_unknown_suite_name_and_missing_file():
         load_suite("nope")
     with pytest.raises(BenchError, match="not found"):
         load_suite("missing/suite.yaml")
+    for manifest in ("teachers", SUITES_DIR / "teachers.yaml"):  # the published-teacher manifest beside the suites
+        with pytest.raises(BenchError, match="manifest of published teachers .* not a suite"):
+            load_suite(manifest)
 
 
 def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
