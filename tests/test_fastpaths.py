@@ -61,7 +61,8 @@ def test_host_memory_loader_yields_the_same_batches(augment, train, with_indices
     split = TensorImages(torch.from_numpy(rng.integers(0, 256, (50, 3, 32, 32), dtype=np.uint8)), torch.arange(50))
     info = data.DatasetInfo("c", 10, 3, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "crop_flip")
     indices = np.arange(3, 50, 2)
-    loaders = [TensorLoader(split, LoaderSpec(info, indices, 8, train, augment, 3, "cpu"), resident=r) for r in (True, False)]
+    spec = LoaderSpec(info, indices, 8, train, augment, 3, "cpu")
+    loaders = [TensorLoader(split, spec, resident=r) for r in (True, False)]
     for loader in loaders:
         loader.with_indices = with_indices
         loader.set_epoch(1)
